@@ -1,0 +1,157 @@
+"""MOGA's math on local tensors: a pure function of (param, grad, momentum, plan, hyper-params).
+
+Two phases so that one code path serves 1 and N ranks: phase A updates the momentum and returns
+partial sums Σ|u|^r per statistic (row or block-column); the caller sums those across ranks where
+the plan says so (collectives.py) and phase B applies the normalized update. Must not import
+torch.distributed or any engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .plan import Plan
+
+
+@dataclass
+class Piece:
+    """One rank-local tensor to update.
+
+    param: local data, any float dtype, numel N (flat view is used); grad: same numel;
+    momentum: fp32, numel N; plan: reduction plan (None for sign-updated roles);
+    exponent: r of the partial sums; scales: lr multipliers per block; decay: 1 - lr*wd.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    momentum: torch.Tensor
+    plan: Plan | None
+    exponent: float
+    beta: float
+    lookahead: float | None
+    lr: float
+    scales: list[float]
+    decay: float
+    eps: float
+    name: str = ""
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+
+def _use_kernel(piece: Piece) -> bool:
+    return (piece.plan is not None and piece.exponent == 2.0 and piece.lookahead is None
+            and piece.param.dtype == torch.float32 and piece.grad.dtype == torch.float32
+            and piece.param.is_contiguous() and piece.grad.is_contiguous() and piece.param.is_cpu
+            and kernels.ops() is not None)
+
+
+def direction_source(piece: Piece) -> torch.Tensor:
+    """The tensor whose normalization is the update: the momentum, or the lookahead blend."""
+    return piece.momentum if piece.lookahead is None else piece._lookahead  # type: ignore[attr-defined]
+
+
+def phase_a(piece: Piece, fused: bool = True) -> torch.Tensor:
+    """Update the momentum in place; return fp32 partial sums [plan.num_stats] (sign roles: [1],
+    the ℓ1 norm of the direction, used only to detect non-finite gradients)."""
+    m, g = _flat(piece.momentum), _flat(piece.grad)
+    w = 1.0 - piece.beta
+    if piece.lookahead is not None:
+        # Lookahead (Alg. 1's β2) blends the *old* buffer with g, so it is taken before the update.
+        piece._lookahead = m.lerp(g.float(), 1.0 - piece.lookahead)  # type: ignore[attr-defined]
+    plan = piece.plan
+    if plan is None:
+        m.lerp_(g.float() if g.dtype != torch.float32 else g, w)
+        return torch.linalg.vector_norm(direction_source(piece), 1).reshape(1)
+    stats = torch.zeros(plan.num_stats, dtype=torch.float32, device=m.device)
+    if fused and _use_kernel(piece):
+        op = kernels.ops()
+        for run in plan.runs:
+            n = run.nrows * run.ncols
+            m2 = m[run.offset:run.offset + n].view(run.nrows, run.ncols)
+            g2 = g[run.offset:run.offset + n].view(run.nrows, run.ncols)
+            if plan.axis == "row":
+                op.momentum_row_sumsq(m2, g2, w, stats, run.stat_start)
+            else:
+                op.momentum_col_sumsq(m2, g2, w, stats, run.stat_start)
+        return stats
+    u = None
+    for run in plan.runs:
+        n = run.nrows * run.ncols
+        m2 = m[run.offset:run.offset + n].view(run.nrows, run.ncols)
+        g2 = g[run.offset:run.offset + n].view(run.nrows, run.ncols)
+        m2.lerp_(g2.float() if g2.dtype != torch.float32 else g2, w)
+        u = m2 if piece.lookahead is None else \
+            piece._lookahead[run.offset:run.offset + n].view(run.nrows, run.ncols)  # type: ignore[attr-defined]
+        dim = 1 if plan.axis == "row" else 0
+        part = torch.linalg.vector_norm(u, piece.exponent, dim=dim).pow_(piece.exponent)
+        k = part.numel()
+        stats[run.stat_start:run.stat_start + k] += part
+    return stats
+
+
+def inverse_denominators(stats: torch.Tensor, exponent: float, eps: float) -> torch.Tensor:
+    """1 / max(‖u‖_r^(r-1), eps) from summed |u|^r (eps floors the norm: a zero row -> zero update)."""
+    r = exponent
+    denom = stats.clamp_min(0.0).pow((r - 1.0) / r) if r != 2.0 else stats.clamp_min(0.0).sqrt()
+    return denom.clamp_min_(eps).reciprocal_()
+
+
+def _direction(u: torch.Tensor, exponent: float) -> torch.Tensor:
+    if exponent == 2.0:
+        return u
+    return u.sign() * u.abs().pow(exponent - 1.0)
+
+
+def phase_b(piece: Piece, stats: torch.Tensor | None, fused: bool = True) -> None:
+    """Apply p <- p*decay - lr*scale*D with D the normalized direction (sign for sign roles)."""
+    p = _flat(piece.param)
+    u = _flat(direction_source(piece))
+    plan = piece.plan
+    if plan is None:
+        alpha = piece.lr * piece.scales[0]
+        if p.dtype == torch.float32:
+            p.mul_(piece.decay).add_(u.sign(), alpha=-alpha)
+        else:
+            p.copy_(p.float().mul_(piece.decay).add_(u.sign(), alpha=-alpha))
+        return
+    inv = inverse_denominators(stats, piece.exponent, piece.eps)
+    kernel = fused and _use_kernel(piece)
+    op = kernels.ops() if kernel else None
+    for run in plan.runs:
+        n = run.nrows * run.ncols
+        p2 = p[run.offset:run.offset + n].view(run.nrows, run.ncols)
+        u2 = u[run.offset:run.offset + n].view(run.nrows, run.ncols)
+        alpha = piece.lr * piece.scales[run.block if len(piece.scales) > 1 else 0]
+        if op is not None:
+            if plan.axis == "row":
+                op.apply_rows(p2, u2, inv, run.stat_start, piece.decay, alpha)
+            else:
+                op.apply_cols(p2, u2, inv, run.stat_start, piece.decay, alpha)
+            continue
+        k = run.nrows if plan.axis == "row" else run.ncols
+        scale = inv[run.stat_start:run.stat_start + k]
+        scale = scale.view(-1, 1) if plan.axis == "row" else scale.view(1, -1)
+        d = _direction(u2, piece.exponent)
+        if p2.dtype == torch.float32:
+            p2.mul_(piece.decay).addcmul_(d, scale, value=-alpha)
+        else:
+            p2.copy_(p2.float().mul_(piece.decay).addcmul_(d, scale, value=-alpha))
+
+
+def undo_momentum(piece: Piece) -> None:
+    """Revert phase A's momentum update (used when a step is refused for non-finite gradients).
+
+    Exact up to rounding where the gradient was finite; entries whose gradient was not finite
+    cannot be recovered and are reset to zero.
+    """
+    m, g = _flat(piece.momentum), _flat(piece.grad).float()
+    if piece.beta == 0.0:
+        m.zero_()
+        return
+    finite = torch.isfinite(g)
+    m.sub_(torch.where(finite, g, torch.zeros_like(g)), alpha=1.0 - piece.beta).div_(piece.beta)
+    m.masked_fill_(~finite, 0.0)

@@ -26,14 +26,14 @@ def colnorm(u: torch.Tensor, q: float, eps: float) -> torch.Tensor:
     return u.sign() * u.abs().pow(qs - 1.0) / norms.pow(qs - 1.0).clamp_min(eps)
 
 
-def reference_step(weight: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, role: str,
+def reference_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor, role: str,
                    row_blocks: RowBlocks | None = None, **hparams) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MOGA step for one whole parameter in float64; returns (new_weight, new_momentum).
+    """One MOGA step for one whole parameter in float64; returns (new_weight, new_momentum_buffer).
 
-    weight, grad, momentum: the global tensor (any shape; matrices are [d_out, d_in, ...]).
+    weight, grad, momentum_buffer: the global tensor (any shape; matrices are [d_out, d_in, ...]).
     """
     h = {**DEFAULTS, **hparams}
-    w, g, m_old = weight.double(), grad.double(), momentum.double()
+    w, g, m_old = weight.double(), grad.double(), momentum_buffer.double()
     beta = h["momentum"]
     m = beta * m_old + (1 - beta) * g
     u = m if h["lookahead"] is None else h["lookahead"] * m_old + (1 - h["lookahead"]) * g

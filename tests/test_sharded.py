@@ -1,0 +1,11 @@
+"""Sharded MOGA equals unsharded MOGA at world sizes 2, 3 and 4, and sends only what it must."""
+import pytest
+
+from dist_utils import spawn
+from sharded_cases import worker
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_equals_unsharded_and_sends_the_minimum(world):
+    spawn(world, worker)

@@ -37,16 +37,16 @@ class Piece:
     eps: float
     name: str = ""
 
+    def __post_init__(self):
+        # Decided once per step: the fused kernels take fp32, contiguous CPU tensors and r = 2.
+        self.kernel = (self.plan is not None and self.exponent == 2.0 and self.lookahead is None
+                       and self.param.dtype == torch.float32 and self.grad.dtype == torch.float32
+                       and self.param.is_contiguous() and self.grad.is_contiguous()
+                       and self.param.is_cpu and kernels.ops() is not None)
+
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
-
-
-def _use_kernel(piece: Piece) -> bool:
-    return (piece.plan is not None and piece.exponent == 2.0 and piece.lookahead is None
-            and piece.param.dtype == torch.float32 and piece.grad.dtype == torch.float32
-            and piece.param.is_contiguous() and piece.grad.is_contiguous() and piece.param.is_cpu
-            and kernels.ops() is not None)
 
 
 def direction_source(piece: Piece) -> torch.Tensor:
@@ -54,9 +54,14 @@ def direction_source(piece: Piece) -> torch.Tensor:
     return piece.momentum if piece.lookahead is None else piece._lookahead  # type: ignore[attr-defined]
 
 
-def phase_a(piece: Piece, fused: bool = True) -> torch.Tensor:
-    """Update the momentum in place; return fp32 partial sums [plan.num_stats] (sign roles: [1],
-    the ℓ1 norm of the direction, used only to detect non-finite gradients)."""
+def stats_size(piece: Piece) -> int:
+    """Length of the piece's statistics vector (1 for sign roles: a finiteness probe)."""
+    return 1 if piece.plan is None else piece.plan.num_stats
+
+
+def phase_a(piece: Piece, stats: torch.Tensor, fused: bool = True) -> None:
+    """Update the momentum in place and write fp32 partial sums into the zeroed `stats`
+    [stats_size(piece)] (sign roles: the ℓ1 norm of the direction, to detect non-finite grads)."""
     m, g = _flat(piece.momentum), _flat(piece.grad)
     w = 1.0 - piece.beta
     if piece.lookahead is not None:
@@ -65,9 +70,9 @@ def phase_a(piece: Piece, fused: bool = True) -> torch.Tensor:
     plan = piece.plan
     if plan is None:
         m.lerp_(g.float() if g.dtype != torch.float32 else g, w)
-        return torch.linalg.vector_norm(direction_source(piece), 1).reshape(1)
-    stats = torch.zeros(plan.num_stats, dtype=torch.float32, device=m.device)
-    if fused and _use_kernel(piece):
+        torch.linalg.vector_norm(direction_source(piece), 1, out=stats[0])
+        return
+    if fused and piece.kernel:
         op = kernels.ops()
         for run in plan.runs:
             n = run.nrows * run.ncols
@@ -77,8 +82,7 @@ def phase_a(piece: Piece, fused: bool = True) -> torch.Tensor:
                 op.momentum_row_sumsq(m2, g2, w, stats, run.stat_start)
             else:
                 op.momentum_col_sumsq(m2, g2, w, stats, run.stat_start)
-        return stats
-    u = None
+        return
     for run in plan.runs:
         n = run.nrows * run.ncols
         m2 = m[run.offset:run.offset + n].view(run.nrows, run.ncols)
@@ -90,7 +94,6 @@ def phase_a(piece: Piece, fused: bool = True) -> torch.Tensor:
         part = torch.linalg.vector_norm(u, piece.exponent, dim=dim).pow_(piece.exponent)
         k = part.numel()
         stats[run.stat_start:run.stat_start + k] += part
-    return stats
 
 
 def inverse_denominators(stats: torch.Tensor, exponent: float, eps: float) -> torch.Tensor:
@@ -106,8 +109,9 @@ def _direction(u: torch.Tensor, exponent: float) -> torch.Tensor:
     return u.sign() * u.abs().pow(exponent - 1.0)
 
 
-def phase_b(piece: Piece, stats: torch.Tensor | None, fused: bool = True) -> None:
-    """Apply p <- p*decay - lr*scale*D with D the normalized direction (sign for sign roles)."""
+def phase_b(piece: Piece, inv: torch.Tensor, fused: bool = True) -> None:
+    """Apply p <- p*decay - lr*scale*D with D = u * inv (inv from inverse_denominators of the
+    summed statistics, [stats_size(piece)]), or D = sign(u) for sign roles."""
     p = _flat(piece.param)
     u = _flat(direction_source(piece))
     plan = piece.plan
@@ -118,8 +122,7 @@ def phase_b(piece: Piece, stats: torch.Tensor | None, fused: bool = True) -> Non
         else:
             p.copy_(p.float().mul_(piece.decay).add_(u.sign(), alpha=-alpha))
         return
-    inv = inverse_denominators(stats, piece.exponent, piece.eps)
-    kernel = fused and _use_kernel(piece)
+    kernel = fused and piece.kernel
     op = kernels.ops() if kernel else None
     for run in plan.runs:
         n = run.nrows * run.ncols

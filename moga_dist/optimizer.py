@@ -107,6 +107,7 @@ class MOGA(torch.optim.Optimizer):
         self.reducer = StatReducer(process_groups)
         self.fused = fused
         self._plans: dict[tuple[int, str], Plan] = {}
+        self._static_cache: dict[int, tuple] = {}
         self.set_layouts(layouts or {})
 
     # ----- layouts ---------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class MOGA(torch.optim.Optimizer):
             for key, size in _groups_of(layout):
                 self.reducer.check_group(key, size)
         self._plans.clear()
+        self._static_cache.clear()
 
     def layout_of(self, param: torch.Tensor) -> ShardLayout:
         """The parameter's layout (a whole tensor unless one was given)."""
@@ -162,31 +164,43 @@ class MOGA(torch.optim.Optimizer):
                 pieces.append((param, self._piece(group, param)))
         return pieces
 
-    def _piece(self, group: Mapping, param: torch.Tensor) -> F.Piece:
+    def _static(self, group: Mapping, param: torch.Tensor) -> tuple:
+        """Per-parameter data that only changes with the group's settings (cached)."""
+        key = (group.get("role"), group["norm"], group["p"], group["q"], group["hidden_mult"],
+               group["embedding_mult"], group["head_mult"], group["vector_mult"],
+               group["head_width_scale"], group["base_width"])
+        cached = self._static_cache.get(id(param))
+        if cached is not None and cached[0] == key:
+            return cached[1]
         role = self.role_of(group, param)
         layout = self.layout_of(param)
         matrix = layout.global_matrix_shape
-        if role != "vector" and role != "embedding" and matrix is None:
+        if role in ("hidden", "head") and matrix is None:
             raise ValueError(f"{self._name(param)} has role {role!r} but global_shape "
                              f"{layout.global_shape}; roles hidden/head need a 2-D weight")
+        plan = None
+        if role in ("hidden", "head"):
+            plan = self._plan(param, group["norm"] if role == "hidden" else "row")
+        scales = update_scales(role, group["norm"], matrix, p=group["p"], q=group["q"],
+                               mult=group[f"{role}_mult"], head_width_scale=group["head_width_scale"],
+                               base_width=group["base_width"],
+                               block_rows=plan.block_rows if plan is not None else None)
+        static = (role, plan, scales, stat_exponent(role, group["norm"], group["p"], group["q"]),
+                  self._name(param))
+        self._static_cache[id(param)] = (key, static)
+        return static
+
+    def _piece(self, group: Mapping, param: torch.Tensor) -> F.Piece:
+        role, plan, scales, exponent, name = self._static(group, param)
         state = self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
             state["step"] = torch.tensor(0.0)
         state["step"] += 1
-        plan = None
-        if role in ("hidden", "head"):
-            axis = group["norm"] if role == "hidden" else "row"
-            plan = self._plan(param, axis)
-        mult = group[f"{role}_mult"]
-        scales = update_scales(role, group["norm"], matrix, p=group["p"], q=group["q"], mult=mult,
-                               head_width_scale=group["head_width_scale"], base_width=group["base_width"],
-                               block_rows=plan.block_rows if plan is not None else None)
         decay = 1.0 - group["lr"] * group["weight_decay"] if role in _DECAYED_ROLES else 1.0
         return F.Piece(param=param.data, grad=param.grad, momentum=state["momentum_buffer"], plan=plan,
-                       exponent=stat_exponent(role, group["norm"], group["p"], group["q"]),
-                       beta=group["momentum"], lookahead=group["lookahead"], lr=group["lr"],
-                       scales=scales, decay=decay, eps=group["eps"], name=self._name(param))
+                       exponent=exponent, beta=group["momentum"], lookahead=group["lookahead"],
+                       lr=group["lr"], scales=scales, decay=decay, eps=group["eps"], name=name)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -196,18 +210,31 @@ class MOGA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         owned = self._pieces()
+        if not owned:
+            return loss
         pieces = [pc for _, pc in owned]
-        stats = [F.phase_a(piece, self.fused) for piece in pieces]
-        self.reducer.reduce([(pc.plan, st) for pc, st in zip(pieces, stats) if pc.plan is not None])
-        self._refuse_non_finite(owned, stats)
+        # One arena for every piece's statistics: one finiteness check and, usually, one inverse
+        # for the whole step instead of a handful of tiny tensor ops per parameter.
+        sizes = [F.stats_size(pc) for pc in pieces]
+        arena = torch.zeros(sum(sizes), dtype=torch.float32, device=pieces[0].momentum.device)
+        stats = arena.split(sizes)
         for piece, st in zip(pieces, stats):
-            F.phase_b(piece, st, self.fused)
+            F.phase_a(piece, st, self.fused)
+        self.reducer.reduce([(pc.plan, st) for pc, st in zip(pieces, stats) if pc.plan is not None])
+        if not bool(torch.isfinite(arena).all()):
+            self._refuse_non_finite(owned, stats)
+        classes = {(pc.exponent, pc.eps) for pc in pieces}
+        if len(classes) == 1:
+            invs = F.inverse_denominators(arena, *classes.pop()).split(sizes)
+        else:
+            invs = [F.inverse_denominators(st, pc.exponent, pc.eps) for pc, st in zip(pieces, stats)]
+        # Reverse order: the momenta phase A wrote last are still in cache when phase B reads them.
+        for piece, inv in zip(reversed(pieces), reversed(invs)):
+            F.phase_b(piece, inv, self.fused)
         return loss
 
     def _refuse_non_finite(self, owned: list[tuple[torch.Tensor, F.Piece]],
                            stats: list[torch.Tensor]) -> None:
-        if not stats or bool(torch.isfinite(torch.cat(stats)).all()):
-            return
         bad = [pc.name for (_, pc), st in zip(owned, stats) if not bool(torch.isfinite(st).all())]
         for param, piece in owned:
             F.undo_momentum(piece)

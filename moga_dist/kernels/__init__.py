@@ -28,7 +28,9 @@ def ops():
         cpp_extension.load(
             name="moga_dist_kernels",
             sources=[str(src)],
-            extra_cflags=["-O3", "-fopenmp-simd", "-march=native", "-ffp-contract=fast"],
+            # -fopenmp: at::parallel_for is an inline OpenMP region; without it the kernels run serially.
+            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )

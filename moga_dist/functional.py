@@ -38,11 +38,14 @@ class Piece:
     name: str = ""
 
     def __post_init__(self):
-        # Decided once per step: the fused kernels take fp32, contiguous CPU tensors and r = 2.
-        self.kernel = (self.plan is not None and self.exponent == 2.0 and self.lookahead is None
+        # The fused kernels take fp32, contiguous CPU tensors, r = 2 (or a sign role), no lookahead.
+        self.kernel = ((self.plan is None or self.exponent == 2.0) and self.lookahead is None
                        and self.param.dtype == torch.float32 and self.grad.dtype == torch.float32
                        and self.param.is_contiguous() and self.grad.is_contiguous()
                        and self.param.is_cpu and kernels.ops() is not None)
+        # Every statistic on this rank: momentum, norm and update in one pass (see kernels).
+        self.one_pass = self.kernel and (self.plan is None or (self.plan.axis == "row"
+                                                                and not self.plan.group_slots))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +62,7 @@ def stats_size(piece: Piece) -> int:
     return 1 if piece.plan is None else piece.plan.num_stats
 
 
-def phase_a(piece: Piece, stats: torch.Tensor, fused: bool = True) -> None:
+def phase_a(piece: Piece, stats: torch.Tensor) -> None:
     """Update the momentum in place and write fp32 partial sums into the zeroed `stats`
     [stats_size(piece)] (sign roles: the ℓ1 norm of the direction, to detect non-finite grads)."""
     m, g = _flat(piece.momentum), _flat(piece.grad)
@@ -71,17 +74,6 @@ def phase_a(piece: Piece, stats: torch.Tensor, fused: bool = True) -> None:
     if plan is None:
         m.lerp_(g.float() if g.dtype != torch.float32 else g, w)
         torch.linalg.vector_norm(direction_source(piece), 1, out=stats[0])
-        return
-    if fused and piece.kernel:
-        op = kernels.ops()
-        for run in plan.runs:
-            n = run.nrows * run.ncols
-            m2 = m[run.offset:run.offset + n].view(run.nrows, run.ncols)
-            g2 = g[run.offset:run.offset + n].view(run.nrows, run.ncols)
-            if plan.axis == "row":
-                op.momentum_row_sumsq(m2, g2, w, stats, run.stat_start)
-            else:
-                op.momentum_col_sumsq(m2, g2, w, stats, run.stat_start)
         return
     for run in plan.runs:
         n = run.nrows * run.ncols
@@ -109,7 +101,7 @@ def _direction(u: torch.Tensor, exponent: float) -> torch.Tensor:
     return u.sign() * u.abs().pow(exponent - 1.0)
 
 
-def phase_b(piece: Piece, inv: torch.Tensor, fused: bool = True) -> None:
+def phase_b(piece: Piece, inv: torch.Tensor) -> None:
     """Apply p <- p*decay - lr*scale*D with D = u * inv (inv from inverse_denominators of the
     summed statistics, [stats_size(piece)]), or D = sign(u) for sign roles."""
     p = _flat(piece.param)
@@ -122,19 +114,11 @@ def phase_b(piece: Piece, inv: torch.Tensor, fused: bool = True) -> None:
         else:
             p.copy_(p.float().mul_(piece.decay).add_(u.sign(), alpha=-alpha))
         return
-    kernel = fused and piece.kernel
-    op = kernels.ops() if kernel else None
     for run in plan.runs:
         n = run.nrows * run.ncols
         p2 = p[run.offset:run.offset + n].view(run.nrows, run.ncols)
         u2 = u[run.offset:run.offset + n].view(run.nrows, run.ncols)
         alpha = piece.lr * piece.scales[run.block if len(piece.scales) > 1 else 0]
-        if op is not None:
-            if plan.axis == "row":
-                op.apply_rows(p2, u2, inv, run.stat_start, piece.decay, alpha)
-            else:
-                op.apply_cols(p2, u2, inv, run.stat_start, piece.decay, alpha)
-            continue
         k = run.nrows if plan.axis == "row" else run.ncols
         scale = inv[run.stat_start:run.stat_start + k]
         scale = scale.view(-1, 1) if plan.axis == "row" else scale.view(1, -1)
@@ -158,3 +142,101 @@ def undo_momentum(piece: Piece) -> None:
     finite = torch.isfinite(g)
     m.sub_(torch.where(finite, g, torch.zeros_like(g)), alpha=1.0 - piece.beta).div_(piece.beta)
     m.masked_fill_(~finite, 0.0)
+
+
+def _run_view(t: torch.Tensor, run) -> torch.Tensor:
+    """The [nrows, ncols] block of `t` that `run` names (t itself when it already is that block)."""
+    if run.offset == 0 and t.dim() == 2 and t.shape[0] == run.nrows and t.shape[1] == run.ncols:
+        return t
+    n = run.nrows * run.ncols
+    return _flat(t)[run.offset:run.offset + n].view(run.nrows, run.ncols)
+
+
+def phase_a_all(pieces: list[Piece], arena: torch.Tensor, offsets: list[int], fused: bool = True) -> None:
+    """phase_a for every piece; piece k writes arena[offsets[k] : offsets[k] + stats_size].
+
+    Kernel-eligible pieces go to the fused CPU kernels, one batched call per (kind, eps). Pieces
+    whose statistics are all local (`one_pass`) are also *updated* here, in one pass; phase_b_all
+    then skips them."""
+    batches: dict[tuple, dict[str, list]] = {}
+    for piece, off in zip(pieces, offsets):
+        if not (fused and piece.kernel):
+            phase_a(piece, arena[off:off + stats_size(piece)])
+            continue
+        b = batches.setdefault(_kind(piece), {k: [] for k in ("p", "m", "g", "w", "off", "decay", "alpha")})
+        for p2, m2, g2, stat_off, alpha in _runs_of(piece, off):
+            b["p"].append(p2)
+            b["m"].append(m2)
+            b["g"].append(g2)
+            b["w"].append(1.0 - piece.beta)
+            b["off"].append(stat_off)
+            b["decay"].append(piece.decay)
+            b["alpha"].append(alpha)
+    op = kernels.ops()
+    for (kind, eps), b in batches.items():
+        if kind == "sign":
+            op.sign_ab(b["p"], b["m"], b["g"], b["w"], arena, b["off"], b["decay"], b["alpha"])
+        elif kind == "rows_local":
+            op.rows_ab(b["p"], b["m"], b["g"], b["w"], arena, b["off"], b["decay"], b["alpha"], eps)
+        else:
+            getattr(op, f"{kind}_a")(b["m"], b["g"], b["w"], arena, b["off"])
+
+
+def phase_b_all(pieces: list[Piece], arena: torch.Tensor, offsets: list[int], fused: bool = True) -> None:
+    """phase_b for every piece not already updated by phase_a_all, from the summed statistics."""
+    batches: dict[tuple, dict[str, list]] = {}
+    for piece, off in zip(pieces, offsets):
+        if not (fused and piece.kernel):
+            stats = arena[off:off + stats_size(piece)]
+            phase_b(piece, stats if piece.plan is None else inverse_denominators(stats, piece.exponent, piece.eps))
+            continue
+        if piece.one_pass:
+            continue
+        b = batches.setdefault(_kind(piece), {k: [] for k in ("p", "m", "off", "decay", "alpha")})
+        for p2, m2, _, stat_off, alpha in _runs_of(piece, off):
+            b["p"].append(p2)
+            b["m"].append(m2)
+            b["off"].append(stat_off)
+            b["decay"].append(piece.decay)
+            b["alpha"].append(alpha)
+    op = kernels.ops()
+    for (kind, eps), b in batches.items():
+        getattr(op, f"{kind}_b")(b["p"], b["m"], arena, b["off"], b["decay"], b["alpha"], eps)
+
+
+def _kind(piece: Piece) -> tuple[str, float]:
+    if piece.plan is None:
+        return "sign", piece.eps
+    if piece.one_pass:
+        return "rows_local", piece.eps
+    return f"{piece.plan.axis}s", piece.eps
+
+
+def _runs_of(piece: Piece, off: int):
+    """(param, momentum, grad) blocks of each run, the run's offset in the arena, and its alpha."""
+    if piece.plan is None:
+        yield _flat(piece.param), _flat(piece.momentum), _flat(piece.grad), off, piece.lr * piece.scales[0]
+        return
+    for run in piece.plan.runs:
+        alpha = piece.lr * piece.scales[run.block if len(piece.scales) > 1 else 0]
+        yield (_run_view(piece.param, run), _run_view(piece.momentum, run), _run_view(piece.grad, run),
+               off + run.stat_start, alpha)
+
+
+def undo_one_pass(piece: Piece, stats: torch.Tensor) -> None:
+    """Revert the parameter update phase_a_all made for a one-pass piece (before undo_momentum).
+
+    Inverts p_new = p*decay - alpha*D row by row (exact up to rounding); rows the kernel skipped
+    because their norm was not finite were never written."""
+    if piece.plan is None:
+        sign = torch.nan_to_num(_flat(piece.momentum).sign(), nan=0.0)
+        _flat(piece.param).add_(sign, alpha=piece.lr * piece.scales[0]).div_(piece.decay)
+        return
+    for run in piece.plan.runs:
+        p2, m2 = _run_view(piece.param, run), _run_view(piece.momentum, run)
+        acc = stats[run.stat_start:run.stat_start + run.nrows]
+        finite = torch.isfinite(acc)
+        scale = torch.where(finite, inverse_denominators(acc, 2.0, piece.eps), torch.zeros_like(acc))
+        restored = (p2 + torch.nan_to_num(m2, nan=0.0, posinf=0.0, neginf=0.0) * (scale * piece.lr *
+                    piece.scales[0]).view(-1, 1)) / piece.decay
+        p2.copy_(torch.where(finite.view(-1, 1), restored, p2))

@@ -195,8 +195,7 @@ class MOGA(torch.optim.Optimizer):
         state = self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            state["step"] = torch.tensor(0.0)
-        state["step"] += 1
+            state["step"] = 0
         decay = 1.0 - group["lr"] * group["weight_decay"] if role in _DECAYED_ROLES else 1.0
         return F.Piece(param=param.data, grad=param.grad, momentum=state["momentum_buffer"], plan=plan,
                        exponent=exponent, beta=group["momentum"], lookahead=group["lookahead"],
@@ -213,35 +212,36 @@ class MOGA(torch.optim.Optimizer):
         if not owned:
             return loss
         pieces = [pc for _, pc in owned]
+        for param, _ in owned:
+            self.state[param]["step"] += 1
         # One arena for every piece's statistics: one finiteness check and, usually, one inverse
         # for the whole step instead of a handful of tiny tensor ops per parameter.
         sizes = [F.stats_size(pc) for pc in pieces]
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
         arena = torch.zeros(sum(sizes), dtype=torch.float32, device=pieces[0].momentum.device)
+        F.phase_a_all(pieces, arena, offsets, self.fused)
         stats = arena.split(sizes)
-        for piece, st in zip(pieces, stats):
-            F.phase_a(piece, st, self.fused)
         self.reducer.reduce([(pc.plan, st) for pc, st in zip(pieces, stats) if pc.plan is not None])
-        if not bool(torch.isfinite(arena).all()):
+        # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
+        if not math.isfinite(float(arena.sum())):
             self._refuse_non_finite(owned, stats)
-        classes = {(pc.exponent, pc.eps) for pc in pieces}
-        if len(classes) == 1:
-            invs = F.inverse_denominators(arena, *classes.pop()).split(sizes)
-        else:
-            invs = [F.inverse_denominators(st, pc.exponent, pc.eps) for pc, st in zip(pieces, stats)]
-        # Reverse order: the momenta phase A wrote last are still in cache when phase B reads them.
-        for piece, inv in zip(reversed(pieces), reversed(invs)):
-            F.phase_b(piece, inv, self.fused)
+        F.phase_b_all(pieces, arena, offsets, self.fused)
         return loss
 
     def _refuse_non_finite(self, owned: list[tuple[torch.Tensor, F.Piece]],
                            stats: list[torch.Tensor]) -> None:
         bad = [pc.name for (_, pc), st in zip(owned, stats) if not bool(torch.isfinite(st).all())]
-        for param, piece in owned:
+        for (param, piece), st in zip(owned, stats):
+            if self.fused and piece.one_pass:
+                F.undo_one_pass(piece, st)
             F.undo_momentum(piece)
             self.state[param]["step"] -= 1
         raise NonFiniteGradientError(
-            f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; step refused: no parameter was "
-            "written and momentum was restored (entries whose gradient was non-finite reset to 0). "
+            f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; step refused: parameters and momentum "
+            "were restored to their pre-step values (to float rounding; momentum entries whose gradient "
+            "was non-finite reset to 0). "
             "Lower the learning rate, enable gradient clipping, or skip this batch.")
 
     # ----- checkpoints -----------------------------------------------------------------------

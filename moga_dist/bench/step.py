@@ -49,15 +49,29 @@ def _params(shapes, seed=0):
     return params
 
 
-def bench_width(width: int, with_muon: bool = True) -> dict:
+def _interleaved(fns: dict, rounds: int = 15, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, timed in alternation so machine drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_width(width: int, with_muon: bool = True, rounds: int = 15) -> dict:
     """Seconds per step of each optimizer on one layer of `width`, and the traffic bound."""
     shapes = llama_layer_shapes(width)
     numel = sum(torch.Size(s).numel() for s in shapes)
     out = {"width": width, "params": numel}
     moga = MOGA(_params(shapes), lr=1e-3)
-    out["moga"] = _time(moga.step)
     adamw = torch.optim.AdamW(_params(shapes), lr=1e-3, fused=True)
-    out["adamw_fused"] = _time(adamw.step)
+    medians = _interleaved({"moga": moga.step, "adamw_fused": adamw.step}, rounds=rounds)
+    out.update(medians)
     if with_muon:
         mats = [p for p in _params(shapes) if p.ndim == 2]
         muon = torch.optim.Muon(mats, lr=1e-3)
@@ -71,6 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--no-muon", action="store_true", help="skip torch.optim.Muon (slow on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=15, help="alternating MOGA/AdamW timings per width")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +96,7 @@ def main(argv=None) -> None:
           f"{'moga/adamw':>11} {'moga/muon':>10} {'moga/bound':>11}")
     rows = []
     for w in args.widths:
-        r = bench_width(w, with_muon=not args.no_muon)
+        r = bench_width(w, with_muon=not args.no_muon, rounds=args.rounds)
         rows.append(r)
         muon = r.get("muon", float("nan"))
         print(f"{w:>6} {r['params']:>10} {r['moga']*1e3:>9.2f} {r['adamw_fused']*1e3:>9.2f} {muon*1e3:>9.1f} "

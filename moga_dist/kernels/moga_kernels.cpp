@@ -1,6 +1,7 @@
 // Fused CPU passes for MOGA with p = 2 (row) / q = 2 (column), fp32, contiguous 2-D runs.
-// Phase A reads g and m once and writes m once while accumulating the squared norms (12 B/elt);
-// phase B reads m and p once and writes p once (12 B/elt): 24 B per parameter in total,
+// Where a statistic needs other ranks, phase A (read g, m; write m; 12 B/elt) and phase B (read m,
+// p; write p; 12 B/elt) run apart, with the all-reduce in between. Where every statistic is local
+// (rows of an unsharded or column-parallel weight, sign roles) one pass does both: 20 B/elt,
 // versus 28 B for fused AdamW. Registered with TORCH_LIBRARY so no pybind build is needed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,11 @@ void check(const at::Tensor& t, const char* name) {
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
+// inv_norm(s) = 1 / max(sqrt(s), eps): eps floors the norm, so a zero row gives a zero update.
+inline double inv_norm(float sumsq, double eps) {
+  return 1.0 / std::max(std::sqrt(static_cast<double>(std::max(sumsq, 0.f))), eps);
+}
+
 // m_row <- m_row + w (g_row - m_row); returns sum m_row^2. Two short loops over an L1-resident row:
 // the first vectorizes like lerp, the second keeps 8 independent partial sums (no FP reassociation
 // flags needed).
@@ -32,19 +38,6 @@ inline float lerp_row_sumsq(float* mr, const float* gr, float wf, int64_t cols) 
   float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; j < cols; ++j) total += mr[j] * mr[j];
   return total;
-}
-
-// m <- m + w (g - m); stats[row0 + i] = sum_j m[i, j]^2
-void momentum_row_sumsq(at::Tensor m, const at::Tensor& g, double w, at::Tensor stats, int64_t row0) {
-  check(m, "m"); check(g, "g"); check(stats, "stats");
-  const int64_t rows = m.size(0), cols = m.size(1);
-  float* mp = m.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
-  float* sp = stats.data_ptr<float>() + row0;
-  const float wf = static_cast<float>(w);
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) sp[i] = lerp_row_sumsq(mp + i * cols, gp + i * cols, wf, cols);
-  });
 }
 
 // m <- m + w (g - m); stats[col0 + j] += sum_i m[i, j]^2
@@ -74,36 +67,16 @@ void momentum_col_sumsq(at::Tensor m, const at::Tensor& g, double w, at::Tensor 
     for (int64_t j = 0; j < cols; ++j) sp[j] += partial[t * cols + j];
 }
 
-// p <- p * decay - alpha * m * inv[row0 + i]
-void apply_rows(at::Tensor p, const at::Tensor& m, const at::Tensor& inv, int64_t row0, double decay,
-                double alpha) {
-  check(p, "p"); check(m, "m"); check(inv, "inv");
-  const int64_t rows = m.size(0), cols = m.size(1);
-  float* pp = p.data_ptr<float>();
-  const float* mp = m.data_ptr<float>();
-  const float* ip = inv.data_ptr<float>() + row0;
-  const float d = static_cast<float>(decay), a = static_cast<float>(alpha);
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float* pr = pp + i * cols;
-      const float* mr = mp + i * cols;
-      const float s = a * ip[i];
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) pr[j] = pr[j] * d - s * mr[j];
-    }
-  });
-}
-
-// p <- p * decay - alpha * m * inv[col0 + j]
-void apply_cols(at::Tensor p, const at::Tensor& m, const at::Tensor& inv, int64_t col0, double decay,
-                double alpha) {
-  check(p, "p"); check(m, "m"); check(inv, "inv");
+// p <- p * decay - alpha * m[:, j] / max(sqrt(stats[col0 + j]), eps)
+void apply_cols(at::Tensor p, const at::Tensor& m, const at::Tensor& stats, int64_t col0, double decay,
+                double alpha, double eps) {
+  check(p, "p"); check(m, "m"); check(stats, "stats");
   const int64_t rows = m.size(0), cols = m.size(1);
   float* pp = p.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
   std::vector<float> scaled(static_cast<size_t>(cols));
-  const float* ip = inv.data_ptr<float>() + col0;
-  for (int64_t j = 0; j < cols; ++j) scaled[j] = static_cast<float>(alpha) * ip[j];
+  const float* ip = stats.data_ptr<float>() + col0;
+  for (int64_t j = 0; j < cols; ++j) scaled[j] = static_cast<float>(alpha * inv_norm(ip[j], eps));
   const float* sp = scaled.data();
   const float d = static_cast<float>(decay);
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t b, int64_t e) {
@@ -116,18 +89,151 @@ void apply_cols(at::Tensor p, const at::Tensor& m, const at::Tensor& inv, int64_
   });
 }
 
+
+// ---- batched forms: every run of every parameter in one call, one parallel region ---------------
+// Rows of all runs are numbered consecutively; each worker finds its first run by binary search,
+// so a step costs one dispatch and one fork/join per phase instead of two per parameter.
+
+std::vector<int64_t> row_prefix(const at::TensorList& ts) {
+  std::vector<int64_t> prefix(ts.size() + 1, 0);
+  for (size_t k = 0; k < ts.size(); ++k) prefix[k + 1] = prefix[k] + ts[k].size(0);
+  return prefix;
+}
+
+template <typename F>
+void for_all_rows(const std::vector<int64_t>& prefix, int64_t cols_hint, const F& body) {
+  at::parallel_for(0, prefix.back(), grain_rows(cols_hint), [&](int64_t b, int64_t e) {
+    size_t k = std::upper_bound(prefix.begin(), prefix.end(), b) - prefix.begin() - 1;
+    for (int64_t r = b; r < e; ++r) {
+      while (r >= prefix[k + 1]) ++k;
+      body(k, r - prefix[k]);
+    }
+  });
+}
+
+int64_t mean_cols(const at::TensorList& ts) {
+  int64_t n = 0, rows = 0;
+  for (const auto& t : ts) { n += t.numel(); rows += t.size(0); }
+  return rows ? n / rows : 1;
+}
+
+void rows_a(at::TensorList m, at::TensorList g, at::ArrayRef<double> w, at::Tensor stats,
+            at::IntArrayRef offsets) {
+  check(stats, "stats");
+  TORCH_CHECK(m.size() == g.size() && m.size() == w.size() && m.size() == offsets.size(), "rows_a: list sizes differ");
+  for (size_t k = 0; k < m.size(); ++k) { check(m[k], "m"); check(g[k], "g"); }
+  float* sp = stats.data_ptr<float>();
+  for_all_rows(row_prefix(m), mean_cols(m), [&](size_t k, int64_t i) {
+    const int64_t cols = m[k].size(1);
+    sp[offsets[k] + i] = lerp_row_sumsq(m[k].data_ptr<float>() + i * cols, g[k].data_ptr<float>() + i * cols,
+                                        static_cast<float>(w[k]), cols);
+  });
+}
+
+void rows_b(at::TensorList p, at::TensorList m, at::Tensor stats, at::IntArrayRef offsets,
+            at::ArrayRef<double> decay, at::ArrayRef<double> alpha, double eps) {
+  check(stats, "stats");
+  TORCH_CHECK(p.size() == m.size() && p.size() == offsets.size(), "rows_b: list sizes differ");
+  for (size_t k = 0; k < m.size(); ++k) { check(m[k], "m"); check(p[k], "p"); }
+  const float* sp = stats.data_ptr<float>();
+  for_all_rows(row_prefix(m), mean_cols(m), [&](size_t k, int64_t i) {
+    const int64_t cols = m[k].size(1);
+    float* pr = p[k].data_ptr<float>() + i * cols;
+    const float* mr = m[k].data_ptr<float>() + i * cols;
+    const float d = static_cast<float>(decay[k]);
+    const float s = static_cast<float>(alpha[k] * inv_norm(sp[offsets[k] + i], eps));
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) pr[j] = pr[j] * d - s * mr[j];
+  });
+}
+
+void cols_a(at::TensorList m, at::TensorList g, at::ArrayRef<double> w, at::Tensor stats,
+            at::IntArrayRef offsets) {
+  for (size_t k = 0; k < m.size(); ++k) momentum_col_sumsq(m[k], g[k], w[k], stats, offsets[k]);
+}
+
+void cols_b(at::TensorList p, at::TensorList m, at::Tensor stats, at::IntArrayRef offsets,
+            at::ArrayRef<double> decay, at::ArrayRef<double> alpha, double eps) {
+  for (size_t k = 0; k < m.size(); ++k) apply_cols(p[k], m[k], stats, offsets[k], decay[k], alpha[k], eps);
+}
+
+// One pass for rows whose statistics are all on this rank: per row (in L1), update m, take its
+// norm, update p: 20 B/elt. A row whose norm is not finite is left unwritten in p, so the caller
+// can refuse the step and undo the finite rows exactly (up to rounding).
+void rows_ab(at::TensorList p, at::TensorList m, at::TensorList g, at::ArrayRef<double> w, at::Tensor stats,
+             at::IntArrayRef offsets, at::ArrayRef<double> decay, at::ArrayRef<double> alpha, double eps) {
+  check(stats, "stats");
+  TORCH_CHECK(p.size() == m.size() && m.size() == g.size() && m.size() == offsets.size(), "rows_ab: list sizes differ");
+  for (size_t k = 0; k < m.size(); ++k) { check(p[k], "p"); check(m[k], "m"); check(g[k], "g"); }
+  float* sp = stats.data_ptr<float>();
+  for_all_rows(row_prefix(m), mean_cols(m), [&](size_t k, int64_t i) {
+    const int64_t cols = m[k].size(1);
+    float* mr = m[k].data_ptr<float>() + i * cols;
+    float* pr = p[k].data_ptr<float>() + i * cols;
+    const float acc = lerp_row_sumsq(mr, g[k].data_ptr<float>() + i * cols, static_cast<float>(w[k]), cols);
+    sp[offsets[k] + i] = acc;
+    if (!std::isfinite(acc)) return;
+    const float s = static_cast<float>(alpha[k] * inv_norm(acc, eps));
+    const float d = static_cast<float>(decay[k]);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) pr[j] = pr[j] * d - s * mr[j];
+  });
+}
+
+// Sign roles (embeddings, vectors) in one pass: m <- lerp(m, g, w); p <- p*decay - alpha*sign(m),
+// sign(NaN) = 0; stats[offset] = sum |m| as a finiteness probe. Flat tensors, parallel over chunks.
+constexpr int64_t kSignChunk = 16384;
+
+void sign_ab(at::TensorList p, at::TensorList m, at::TensorList g, at::ArrayRef<double> w, at::Tensor stats,
+             at::IntArrayRef offsets, at::ArrayRef<double> decay, at::ArrayRef<double> alpha) {
+  check(stats, "stats");
+  float* sp = stats.data_ptr<float>();
+  for (size_t k = 0; k < m.size(); ++k) {
+    check(p[k], "p"); check(m[k], "m"); check(g[k], "g");
+    float* pp = p[k].data_ptr<float>();
+    float* mp = m[k].data_ptr<float>();
+    const float* gp = g[k].data_ptr<float>();
+    const int64_t n = m[k].numel();
+    const float wf = static_cast<float>(w[k]), d = static_cast<float>(decay[k]), a = static_cast<float>(alpha[k]);
+    const int64_t chunks = (n + kSignChunk - 1) / kSignChunk;
+    std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1)), 0.f);
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t lo = c * kSignChunk, hi = std::min(n, lo + kSignChunk);
+        float acc = 0.f;
+        for (int64_t j = lo; j < hi; ++j) {
+          const float v = mp[j] + wf * (gp[j] - mp[j]);
+          mp[j] = v;
+          acc += std::fabs(v);
+          pp[j] = pp[j] * d - a * static_cast<float>((v > 0.f) - (v < 0.f));
+        }
+        partial[c] = acc;
+      }
+    });
+    float total = 0.f;
+    for (float v : partial) total += v;
+    sp[offsets[k]] = total;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moga_dist, lib) {
-  lib.def("momentum_row_sumsq(Tensor(a!) m, Tensor g, float w, Tensor(b!) stats, int row0) -> ()");
-  lib.def("momentum_col_sumsq(Tensor(a!) m, Tensor g, float w, Tensor(b!) stats, int col0) -> ()");
-  lib.def("apply_rows(Tensor(a!) p, Tensor m, Tensor inv, int row0, float decay, float alpha) -> ()");
-  lib.def("apply_cols(Tensor(a!) p, Tensor m, Tensor inv, int col0, float decay, float alpha) -> ()");
+  lib.def("rows_a(Tensor(a!)[] m, Tensor[] g, float[] w, Tensor(b!) stats, int[] offsets) -> ()");
+  lib.def("rows_b(Tensor(a!)[] p, Tensor[] m, Tensor stats, int[] offsets, float[] decay, float[] alpha, float eps) -> ()");
+  lib.def("cols_a(Tensor(a!)[] m, Tensor[] g, float[] w, Tensor(b!) stats, int[] offsets) -> ()");
+  lib.def("cols_b(Tensor(a!)[] p, Tensor[] m, Tensor stats, int[] offsets, float[] decay, float[] alpha, float eps) -> ()");
+  lib.def("rows_ab(Tensor(a!)[] p, Tensor(b!)[] m, Tensor[] g, float[] w, Tensor(c!) stats, int[] offsets, "
+          "float[] decay, float[] alpha, float eps) -> ()");
+  lib.def("sign_ab(Tensor(a!)[] p, Tensor(b!)[] m, Tensor[] g, float[] w, Tensor(c!) stats, int[] offsets, "
+          "float[] decay, float[] alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(moga_dist, CPU, lib) {
-  lib.impl("momentum_row_sumsq", momentum_row_sumsq);
-  lib.impl("momentum_col_sumsq", momentum_col_sumsq);
-  lib.impl("apply_rows", apply_rows);
-  lib.impl("apply_cols", apply_cols);
+  lib.impl("rows_a", rows_a);
+  lib.impl("rows_b", rows_b);
+  lib.impl("cols_a", cols_a);
+  lib.impl("cols_b", cols_b);
+  lib.impl("rows_ab", rows_ab);
+  lib.impl("sign_ab", sign_ab);
 }

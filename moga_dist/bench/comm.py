@@ -1,0 +1,183 @@
+"""`python -m moga_dist.bench comm`: real gloo steps on one LLaMA-7B layer, counting what each rank
+hands to collectives, beside the analytic minimum and an all-gather-based matrix optimizer.
+
+Layer (Megatron layout): linear_qkv [3*4096, 4096] (MHA: 32 groups of [q, k, v], column-parallel),
+linear_proj [4096, 4096] (row-parallel), linear_fc1 [2*11008, 4096] ([gate; up], column-parallel,
+stride 2), linear_fc2 [4096, 11008] (row-parallel), two RMSNorm gains [4096] (replicated).
+Bytes are all-reduce payloads per rank (fp32 partial sums); `allgather_equivalent` is what each rank
+receives when the TP/DP-sharded matrices are all-gathered in bf16 (Muon's default in Megatron).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moga_dist import MOGA, FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+
+HIDDEN, FFN, HEADS, HEAD_DIM = 4096, 11008, 32, 128
+
+
+def layer_specs(hidden=HIDDEN, ffn=FFN, heads=HEADS, head_dim=HEAD_DIM):
+    """(name, global_shape, tp_dim, stride, row_blocks) of one LLaMA layer."""
+    return [
+        ("linear_qkv", (3 * heads * head_dim, hidden), 0, 1, RowBlocks.qkv(heads, 1, head_dim)),
+        ("linear_proj", (hidden, heads * head_dim), 1, 1, None),
+        ("linear_fc1", (2 * ffn, hidden), 0, 2, RowBlocks.fused(ffn, ffn)),
+        ("linear_fc2", (hidden, ffn), 1, 1, None),
+        ("input_layernorm", (hidden,), None, 1, None),
+        ("pre_mlp_layernorm", (hidden,), None, 1, None),
+    ]
+
+
+def _block_ids(rows: int, blocks: RowBlocks | None) -> list[int]:
+    return [0] * rows if blocks is None else [blocks.block_of_global_row(r) for r in range(rows)]
+
+
+def analytic_minimum(specs, norm: str, tp: int, dp: int) -> int:
+    """Floats a rank must all-reduce per step: by arithmetic on the layout, not by the planner.
+
+    TP: the normalized axis crosses ranks for row-parallel weights (rows) or column-parallel ones
+    (one statistic per block and column). Flat DP partition of the TP-local buffer: statistics
+    touched on both sides of each partition boundary."""
+    total = 0
+    if tp > 1:
+        for _, shape, tp_dim, _, blocks in specs:
+            if len(shape) != 2:
+                continue
+            if norm == "row" and tp_dim == 1:
+                total += shape[0]
+            if norm == "col" and tp_dim == 0:
+                total += (1 if blocks is None else blocks.num_blocks) * shape[1]
+    if dp > 1:
+        sizes = [math.prod(_local(shape, tp_dim, tp)) for _, shape, tp_dim, _, _ in specs]
+        part = -(-sum(sizes) // dp)
+        start = 0
+        for (_, shape, tp_dim, _, blocks), n in zip(specs, sizes):
+            for k in range(1, dp):
+                o = k * part - start
+                if not 0 < o < n or len(shape) != 2:
+                    continue
+                rows, cols = _local(shape, tp_dim, tp)
+                r, c = divmod(o, cols)
+                if norm == "row":
+                    total += 1 if c else 0
+                    continue
+                ids = _block_ids(shape[0], blocks)[:rows]   # TP-local row order is symmetric
+                left = {(b, j) for b in set(ids[:r]) for j in range(cols)} | {(ids[r], j) for j in range(c)}
+                right = {(ids[r], j) for j in range(c, cols)} | \
+                    {(b, j) for b in set(ids[r + 1:]) for j in range(cols)}
+                total += len(left & right)
+            start += n
+    return total
+
+
+def _local(shape, tp_dim, tp):
+    out = list(shape)
+    if tp_dim is not None and tp > 1:
+        out[tp_dim] //= tp
+    return tuple(out)
+
+
+def allgather_equivalent(specs, tp: int, dp: int) -> int:
+    """Bytes a rank receives when every sharded matrix is all-gathered in bf16."""
+    world = tp * dp
+    total = 0
+    for _, shape, tp_dim, _, _ in specs:
+        if len(shape) == 2:
+            total += int(math.prod(shape) * 2 * (world - 1) / world)
+    return total
+
+
+def _worker(rank, world, port, tp, dp, norm, steps, queue):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    groups = {}
+    for key, members in (("tp", [[d * tp + t for t in range(tp)] for d in range(dp)]),
+                         ("dp", [[d * tp + t for d in range(dp)] for t in range(tp)])):
+        for ranks in members:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                groups[key] = g
+    t, d = rank % tp, rank // tp
+    specs = layer_specs()
+    sizes = [math.prod(_local(shape, tp_dim, tp)) for _, shape, tp_dim, _, _ in specs]
+    part = -(-sum(sizes) // dp)
+    gen = torch.Generator().manual_seed(rank)
+    params, layouts, start = [], {}, 0
+    for (name, shape, tp_dim, stride, blocks), n in zip(specs, sizes):
+        split = TensorParallelSplit(tp_dim, t, tp, stride) if tp_dim is not None and tp > 1 else None
+        flat = None
+        local = _local(shape, tp_dim, tp)
+        if dp > 1:
+            ranges = tuple((min(max(k * part - start, 0), n), min(max((k + 1) * part - start, 0), n))
+                           for k in range(dp))
+            flat = FlatPartition(ranges, d)
+            local = (ranges[d][1] - ranges[d][0],)
+        p = torch.nn.Parameter(torch.randn(local, generator=gen) * 0.02)
+        layouts[p] = ShardLayout(shape, tp=split, flat=flat, row_blocks=blocks)
+        params.append(p)
+        start += n
+    roles = [{"params": [p], "role": "hidden" if len(s[1]) == 2 else "vector"} for p, s in zip(params, specs)]
+    opt = MOGA(roles, lr=1e-3, norm=norm, layouts=layouts, process_groups=groups)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    opt.step()                       # warm-up (kernel load, plans)
+    opt.reducer.counter.reset()
+    dist.barrier(groups.get("tp") or groups["dp"])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    elapsed = (time.perf_counter() - t0) / steps
+    c = opt.reducer.counter
+    queue.put((rank, c.total_bytes // steps, c.total_calls / steps, dict(c.calls), elapsed))
+    dist.barrier(groups.get("tp") or groups["dp"])
+    dist.destroy_process_group()
+
+
+def run_layout(tp: int, dp: int, norm: str, steps: int) -> dict:
+    """Spawn tp*dp gloo ranks; per-rank bytes/collectives per step, with minimum and equivalents."""
+    world = tp * dp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, port, tp, dp, norm, steps, queue), nprocs=world,
+                       join=True, start_method="spawn")
+    per_rank = sorted(queue.get() for _ in range(world))
+    specs = layer_specs()
+    groups_used = {k for r in per_rank for k in r[3]}
+    return {"tp": tp, "dp": dp, "norm": norm, "bytes": max(r[1] for r in per_rank),
+            "minimum": 4 * analytic_minimum(specs, norm, tp, dp),
+            "allgather_equivalent": allgather_equivalent(specs, tp, dp),
+            "collectives_per_step": max(r[2] for r in per_rank), "groups": len(groups_used),
+            "step_s": max(r[4] for r in per_rank)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moga_dist.bench comm", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--norms", nargs="+", default=["col", "row"], choices=["row", "col"])
+    args = ap.parse_args(argv)
+    print(f"{'layout':>10} {'norm':>4} {'bytes/rank':>11} {'minimum':>9} {'allgather_eq':>13} {'ratio':>8} "
+          f"{'coll/step':>9} {'step s':>7}")
+    last = None
+    for tp, dp in ((2, 1), (1, 2), (4, 1)):
+        for norm in args.norms:
+            r = run_layout(tp, dp, norm, args.steps)
+            ratio = r["allgather_equivalent"] / max(r["bytes"], 1)
+            print(f"{f'TP{tp}xDP{dp}':>10} {norm:>4} {r['bytes']:>11} {r['minimum']:>9} "
+                  f"{r['allgather_equivalent']:>13} {ratio:>8.0f} {r['collectives_per_step']:>9.0f} "
+                  f"{r['step_s']:>7.2f}", flush=True)
+            last = r
+    print(f"comm: bytes={last['bytes']} minimum={last['minimum']} "
+          f"allgather_equivalent={last['allgather_equivalent']} collectives_per_step={last['collectives_per_step']:.0f}")

@@ -6,6 +6,7 @@ math is in functional.py, the reductions in collectives.py; no engine is importe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 
@@ -13,11 +14,14 @@ import torch
 
 from . import functional as F
 from .collectives import StatReducer
+from .flat import FlatSegment
 from .layout import ShardLayout
-from .plan import Plan, build_plan
+from .plan import build_plan
 from .scaling import NORMS, ROLES, stat_exponent, update_scales
 
 _DECAYED_ROLES = ("hidden", "embedding", "head")
+_STATIC_KEYS = ("role", "norm", "p", "q", "hidden_mult", "embedding_mult", "head_mult", "vector_mult",
+                "head_width_scale", "base_width")
 
 
 class NonFiniteGradientError(ValueError):
@@ -104,30 +108,61 @@ class MOGA(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             _check_hparams(group, f"MOGA param group {i}")
         self._layouts: dict[int, ShardLayout] = {}
+        self._flat: dict[int, tuple[list[FlatSegment], float]] = {}
         self.reducer = StatReducer(process_groups)
         self.fused = fused
-        self._plans: dict[tuple[int, str], Plan] = {}
-        self._static_cache: dict[int, tuple] = {}
+        self._suspended = False
+        self._static_cache: dict[tuple, tuple] = {}
         self.set_layouts(layouts or {})
 
     # ----- layouts ---------------------------------------------------------------------------
+    def add_param_group(self, param_group):
+        """torch.optim's add_param_group, remembering which tensors MOGA was given."""
+        super().add_param_group(param_group)
+        if not hasattr(self, "_known"):
+            self._known: set[int] = set()
+        self._known.update(id(p) for p in self.param_groups[-1]["params"])
+
     def set_layouts(self, layouts: Mapping) -> None:
         """Attach (or replace) shard layouts: {param tensor: ShardLayout}."""
-        known = {id(p) for g in self.param_groups for p in g["params"]}
         for param, layout in layouts.items():
-            if id(param) not in known:
-                raise ValueError(f"layout given for a tensor of shape {tuple(param.shape)} that is not "
-                                 "in this optimizer's param groups")
+            self._check_member(param)
             if not isinstance(layout, ShardLayout):
                 raise ValueError(f"layouts values must be ShardLayout, got {type(layout).__name__}")
             if param.numel() != layout.local_numel:
                 raise ValueError(f"{self._name(param)}: local numel {param.numel()} does not match its "
                                  f"layout ({layout.local_numel} elements of global {layout.global_shape})")
             self._layouts[id(param)] = layout
-            for key, size in _groups_of(layout):
-                self.reducer.check_group(key, size)
-        self._plans.clear()
+            self._check_groups(layout)
         self._static_cache.clear()
+
+    def register_flat_buffer(self, buffer: torch.Tensor, segments: list[FlatSegment], base_lr: float) -> None:
+        """Declare `buffer` (a 1-D tensor in a param group) as segments of parameters.
+
+        Each segment is updated as its own parameter with its own layout and options; its lr is
+        options["lr"] * group["lr"] / base_lr, so a schedule on the buffer's group applies."""
+        self._check_member(buffer)
+        if buffer.dim() != 1:
+            raise ValueError(f"a flat buffer must be 1-D, got shape {tuple(buffer.shape)}")
+        for seg in segments:
+            if seg.start < 0 or seg.start + seg.numel > buffer.numel():
+                raise ValueError(f"segment {seg.name!r} [{seg.start}, {seg.start + seg.numel}) lies outside "
+                                 f"the buffer of {buffer.numel()} elements")
+            _check_hparams({**self.defaults, **seg.options}, f"segment {seg.name!r}")
+            self._check_groups(seg.layout)
+        self._flat[id(buffer)] = (list(segments), float(base_lr))
+        self._known.add(id(buffer))
+        self._static_cache.clear()
+
+    def _check_member(self, tensor: torch.Tensor) -> None:
+        if not any(p is tensor for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"a tensor of shape {tuple(tensor.shape)} is not in this optimizer's param groups")
+
+    def _check_groups(self, layout: ShardLayout) -> None:
+        if layout.tp is not None and layout.tp.world_size > 1:
+            self.reducer.check_group(layout.tp.group, layout.tp.world_size)
+        if layout.flat is not None and len(layout.flat.ranges) > 1:
+            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges))
 
     def layout_of(self, param: torch.Tensor) -> ShardLayout:
         """The parameter's layout (a whole tensor unless one was given)."""
@@ -140,66 +175,87 @@ class MOGA(torch.optim.Optimizer):
                     return f"parameter {g['param_names'][i]!r}"
         return f"parameter of shape {tuple(param.shape)}"
 
-    def role_of(self, group: Mapping, param: torch.Tensor) -> str:
-        """The group's role, or by default hidden for a 2-D global shape, vector otherwise."""
-        if group.get("role"):
-            return group["role"]
-        return "hidden" if self.layout_of(param).global_matrix_shape is not None else "vector"
-
-    def _plan(self, param: torch.Tensor, axis: str) -> Plan:
-        key = (id(param), axis)
-        if key not in self._plans:
-            self._plans[key] = build_plan(self.layout_of(param), axis)
-        return self._plans[key]
+    def role_of(self, options: Mapping, layout: ShardLayout) -> str:
+        """The role in `options`, or by default hidden for a 2-D global shape, vector otherwise."""
+        if options.get("role"):
+            return options["role"]
+        return "hidden" if layout.global_matrix_shape is not None else "vector"
 
     # ----- step ------------------------------------------------------------------------------
-    def _pieces(self) -> list[tuple[torch.Tensor, F.Piece]]:
-        pieces = []
+    def _units(self):
+        """(owner tensor, slice of it or None, options, layout, cache key, name) for every unit."""
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise ValueError(f"{self._name(param)}: sparse gradients are not supported")
-                pieces.append((param, self._piece(group, param)))
-        return pieces
+                flat = self._flat.get(id(param))
+                if flat is None:
+                    self._refuse_foreign(group, param)
+                    yield param, None, group, self.layout_of(param), (id(param), -1), self._name(param)
+                    continue
+                segments, base_lr = flat
+                for k, seg in enumerate(segments):
+                    options = {**group, **seg.options}
+                    options["lr"] = seg.options.get("lr", base_lr) * group["lr"] / base_lr
+                    yield (param, (seg.start, seg.numel), options, seg.layout, (id(param), k),
+                           f"parameter {seg.name!r}")
 
-    def _static(self, group: Mapping, param: torch.Tensor) -> tuple:
-        """Per-parameter data that only changes with the group's settings (cached)."""
-        key = (group.get("role"), group["norm"], group["p"], group["q"], group["hidden_mult"],
-               group["embedding_mult"], group["head_mult"], group["vector_mult"],
-               group["head_width_scale"], group["base_width"])
-        cached = self._static_cache.get(id(param))
-        if cached is not None and cached[0] == key:
+    def _refuse_foreign(self, group: Mapping, param: torch.Tensor) -> None:
+        # An engine that swapped MOGA's parameters for flat 1-D partitions (DeepSpeed ZeRO >= 1)
+        # would otherwise get every matrix updated as a vector: a silent wrong update.
+        if id(param) in self._known or param.dim() >= 2 or group.get("role") in ("vector", "embedding"):
+            return
+        raise ValueError(
+            f"MOGA was handed a 1-D tensor of {param.numel()} elements it was not constructed with "
+            f"(role {group.get('role')!r}): an engine replaced the parameters with flat partitions. "
+            "Use moga_dist.deepspeed.initialize(...) for DeepSpeed ZeRO >= 1, or "
+            "moga_dist.megatron.get_megatron_optimizer(...) for Megatron's distributed optimizer.")
+
+    def _static(self, options: Mapping, layout: ShardLayout, key: tuple, name: str) -> tuple:
+        """Per-unit data that only changes with the settings (cached)."""
+        sig = tuple(options.get(k) for k in _STATIC_KEYS)
+        cached = self._static_cache.get(key)
+        if cached is not None and cached[0] == sig:
             return cached[1]
-        role = self.role_of(group, param)
-        layout = self.layout_of(param)
+        role = self.role_of(options, layout)
         matrix = layout.global_matrix_shape
         if role in ("hidden", "head") and matrix is None:
-            raise ValueError(f"{self._name(param)} has role {role!r} but global_shape "
-                             f"{layout.global_shape}; roles hidden/head need a 2-D weight")
+            raise ValueError(f"{name} has role {role!r} but global_shape {layout.global_shape}; "
+                             "roles hidden/head need a 2-D weight")
         plan = None
         if role in ("hidden", "head"):
-            plan = self._plan(param, group["norm"] if role == "hidden" else "row")
-        scales = update_scales(role, group["norm"], matrix, p=group["p"], q=group["q"],
-                               mult=group[f"{role}_mult"], head_width_scale=group["head_width_scale"],
-                               base_width=group["base_width"],
+            plan = build_plan(layout, options["norm"] if role == "hidden" else "row")
+        scales = update_scales(role, options["norm"], matrix, p=options["p"], q=options["q"],
+                               mult=options[f"{role}_mult"], head_width_scale=options["head_width_scale"],
+                               base_width=options["base_width"],
                                block_rows=plan.block_rows if plan is not None else None)
-        static = (role, plan, scales, stat_exponent(role, group["norm"], group["p"], group["q"]),
-                  self._name(param))
-        self._static_cache[id(param)] = (key, static)
+        static = (role, plan, scales, stat_exponent(role, options["norm"], options["p"], options["q"]))
+        self._static_cache[key] = (sig, static)
         return static
 
-    def _piece(self, group: Mapping, param: torch.Tensor) -> F.Piece:
-        role, plan, scales, exponent, name = self._static(group, param)
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            state["step"] = 0
-        decay = 1.0 - group["lr"] * group["weight_decay"] if role in _DECAYED_ROLES else 1.0
-        return F.Piece(param=param.data, grad=param.grad, momentum=state["momentum_buffer"], plan=plan,
-                       exponent=exponent, beta=group["momentum"], lookahead=group["lookahead"],
-                       lr=group["lr"], scales=scales, decay=decay, eps=group["eps"], name=name)
+    def _pieces(self) -> list[tuple[torch.Tensor, F.Piece]]:
+        pieces, stepped = [], set()
+        for owner, span, options, layout, key, name in self._units():
+            role, plan, scales, exponent = self._static(options, layout, key, name)
+            state = self.state[owner]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros(owner.shape, dtype=torch.float32, device=owner.device)
+                state["step"] = 0
+            if id(owner) not in stepped:
+                stepped.add(id(owner))
+                state["step"] += 1
+            data, grad, mom = owner.data, owner.grad, state["momentum_buffer"]
+            if span is not None:
+                s, n = span
+                data, grad, mom = data[s:s + n], grad[s:s + n], mom[s:s + n]
+            decay = 1.0 - options["lr"] * options["weight_decay"] if role in _DECAYED_ROLES else 1.0
+            pieces.append((owner, F.Piece(param=data, grad=grad, momentum=mom, plan=plan, exponent=exponent,
+                                          beta=options["momentum"], lookahead=options["lookahead"],
+                                          lr=options["lr"], scales=scales, decay=decay, eps=options["eps"],
+                                          name=name)))
+        return pieces
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -208,14 +264,14 @@ class MOGA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._suspended:
+            return loss
         owned = self._pieces()
         if not owned:
             return loss
         pieces = [pc for _, pc in owned]
-        for param, _ in owned:
-            self.state[param]["step"] += 1
-        # One arena for every piece's statistics: one finiteness check and, usually, one inverse
-        # for the whole step instead of a handful of tiny tensor ops per parameter.
+        # One arena for every piece's statistics: one finiteness check for the whole step
+        # instead of a handful of tiny tensor ops per parameter.
         sizes = [F.stats_size(pc) for pc in pieces]
         offsets = [0]
         for n in sizes[:-1]:
@@ -230,19 +286,29 @@ class MOGA(torch.optim.Optimizer):
         F.phase_b_all(pieces, arena, offsets, self.fused)
         return loss
 
+    @contextlib.contextmanager
+    def suspended(self):
+        """Within this context step() does nothing (an engine's set-up call with zero gradients
+        would otherwise apply weight decay once)."""
+        self._suspended = True
+        try:
+            yield self
+        finally:
+            self._suspended = False
+
     def _refuse_non_finite(self, owned: list[tuple[torch.Tensor, F.Piece]],
                            stats: list[torch.Tensor]) -> None:
         bad = [pc.name for (_, pc), st in zip(owned, stats) if not bool(torch.isfinite(st).all())]
-        for (param, piece), st in zip(owned, stats):
+        for (_, piece), st in zip(owned, stats):
             if self.fused and piece.one_pass:
                 F.undo_one_pass(piece, st)
             F.undo_momentum(piece)
-            self.state[param]["step"] -= 1
+        for owner in {id(o): o for o, _ in owned}.values():
+            self.state[owner]["step"] -= 1
         raise NonFiniteGradientError(
             f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; step refused: parameters and momentum "
             "were restored to their pre-step values (to float rounding; momentum entries whose gradient "
-            "was non-finite reset to 0). "
-            "Lower the learning rate, enable gradient clipping, or skip this batch.")
+            "was non-finite reset to 0). Lower the learning rate, enable gradient clipping, or skip this batch.")
 
     # ----- checkpoints -----------------------------------------------------------------------
     def state_dict(self):
@@ -281,10 +347,3 @@ def _plain(obj):
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _groups_of(layout: ShardLayout):
-    if layout.tp is not None and layout.tp.world_size > 1:
-        yield layout.tp.group, layout.tp.world_size
-    if layout.flat is not None and len(layout.flat.ranges) > 1:
-        yield layout.flat.group, len(layout.flat.ranges)

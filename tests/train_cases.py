@@ -1,0 +1,39 @@
+"""Workers for the training-job tests (2 gloo ranks, a tiny LLaMA, a few steps)."""
+import os
+from pathlib import Path
+
+from moga_dist.train.config import load
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.intermediate_size=64", "model.max_seq_len=32", "training.micro_batch_size=2",
+        "training.global_batch_size=4", "training.warmup_steps=2", "training.log_every=1",
+        "training.eval_every=3", "training.eval_batches=2", "checkpoint.every=3", "checkpoint.keep=5"]
+
+
+def tiny(out: str, steps: int, *extra: str):
+    return load(None, TINY + [f"output_dir='{out}'", f"training.steps={steps}", *extra])
+
+
+def resume_equivalence(rank, world, base):
+    from moga_dist.train.loop import run
+
+    run(tiny(f"{base}/straight", 6))
+    run(tiny(f"{base}/split", 6, "training.stop_at_step=3"))     # an interrupted run
+    if rank == 0:   # debris of a crash mid-write must not confuse the resume
+        Path(f"{base}/split/checkpoints/.tmp-step00000006").mkdir()
+    run(tiny(f"{base}/split", 6))
+
+
+def refusals(rank, world, base):
+    from moga_dist.train.loop import run
+
+    run(tiny(f"{base}/a", 6, "training.stop_at_step=3"))
+    before = sorted(str(p) for p in Path(f"{base}/a/checkpoints").rglob("*"))
+    for extra, needle in ((["model.hidden_size=64"], "hidden_size"), (["checkpoint.resume=false"], "refusing to overwrite")):
+        try:
+            run(tiny(f"{base}/a", 6, *extra))
+        except ValueError as exc:
+            assert needle in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{extra} was not refused")
+    assert sorted(str(p) for p in Path(f"{base}/a/checkpoints").rglob("*")) == before

@@ -61,7 +61,10 @@ class StatReducer:
             raise ValueError(f"process group {key!r} has {size} ranks but the layout says {expected_size}")
 
     def reduce(self, items: list[tuple[Plan, torch.Tensor]]) -> None:
-        """Sum, in place, each stats tensor's slots listed in its plan, across the plan's groups."""
+        """Sum, in place, each stats tensor's slots listed in its plan, across the plan's groups.
+
+        `items` must come in the same order on every rank of a group (MOGA sorts them by a global
+        key); a rank that holds nothing of a parameter passes zeros for it (a "ghost")."""
         stage_of: dict[str, int] = {}
         for plan, _ in items:
             stage_of.update(plan.group_stage)

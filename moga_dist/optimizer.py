@@ -109,6 +109,9 @@ class MOGA(torch.optim.Optimizer):
             _check_hparams(group, f"MOGA param group {i}")
         self._layouts: dict[int, ShardLayout] = {}
         self._flat: dict[int, tuple[list[FlatSegment], float]] = {}
+        self._param_options: dict[int, dict] = {}
+        self._order: dict[int, object] = {}
+        self._ghosts: list[tuple] = []
         self.reducer = StatReducer(process_groups)
         self.fused = fused
         self._suspended = False
@@ -123,6 +126,18 @@ class MOGA(torch.optim.Optimizer):
             self._known: set[int] = set()
         self._known.update(id(p) for p in self.param_groups[-1]["params"])
 
+    def adopt_param_groups(self, groups: list[dict]) -> None:
+        """Replace the param groups with engine-owned tensors, which may be views of a buffer
+        (non-leaf, so torch's add_param_group would refuse them); missing settings take defaults."""
+        for i, group in enumerate(groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            _check_hparams(group, f"MOGA param group {i}")
+            group["params"] = list(group["params"])
+        self.param_groups = groups
+        self._known.update(id(p) for g in groups for p in g["params"])
+        self._static_cache.clear()
+
     def set_layouts(self, layouts: Mapping) -> None:
         """Attach (or replace) shard layouts: {param tensor: ShardLayout}."""
         for param, layout in layouts.items():
@@ -135,6 +150,36 @@ class MOGA(torch.optim.Optimizer):
             self._layouts[id(param)] = layout
             self._check_groups(layout)
         self._static_cache.clear()
+
+    def set_param_options(self, options: Mapping) -> None:
+        """Per-tensor settings over its group's, e.g. {tensor: {"role": "embedding"}} for engines whose
+        param groups mix roles (Megatron groups by weight-decay and lr multipliers)."""
+        for tensor, opts in options.items():
+            self._check_member(tensor)
+            _check_hparams({**self.defaults, **opts}, f"options of {self._name(tensor)}")
+            self._param_options[id(tensor)] = dict(opts)
+        self._static_cache.clear()
+
+    def set_global_order(self, order: Mapping, ghosts: list[tuple] = ()) -> None:
+        """Make the reduction order independent of which tensors this rank holds.
+
+        order: {tensor: key}, keys comparable and equal across ranks for the same parameter.
+        ghosts: (key, ShardLayout, options) for parameters of which this rank holds nothing but whose
+        statistics other ranks share (Megatron's distributed optimizer drops such parameters from
+        a rank's param groups); they contribute zeros so every rank packs the same buffer."""
+        for tensor, key in order.items():
+            self._check_member(tensor)
+            self._order[id(tensor)] = key
+        self._ghosts = []
+        for key, layout, options in ghosts:
+            if layout.local_numel != 0:
+                raise ValueError(f"ghost {key!r} must hold nothing locally, its layout holds {layout.local_numel}")
+            role = self.role_of(options, layout)
+            if role in ("hidden", "head"):
+                axis = {**self.defaults, **options}["norm"] if role == "hidden" else "row"
+                plan = build_plan(layout, axis)
+                if plan.group_slots:
+                    self._ghosts.append((key, plan))
 
     def register_flat_buffer(self, buffer: torch.Tensor, segments: list[FlatSegment], base_lr: float) -> None:
         """Declare `buffer` (a 1-D tensor in a param group) as segments of parameters.
@@ -192,8 +237,9 @@ class MOGA(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(param)}: sparse gradients are not supported")
                 flat = self._flat.get(id(param))
                 if flat is None:
-                    self._refuse_foreign(group, param)
-                    yield param, None, group, self.layout_of(param), (id(param), -1), self._name(param)
+                    options = {**group, **self._param_options[id(param)]} if id(param) in self._param_options else group
+                    self._refuse_foreign(options, param)
+                    yield param, None, options, self.layout_of(param), (id(param), -1), self._name(param)
                     continue
                 segments, base_lr = flat
                 for k, seg in enumerate(segments):
@@ -205,7 +251,8 @@ class MOGA(torch.optim.Optimizer):
     def _refuse_foreign(self, group: Mapping, param: torch.Tensor) -> None:
         # An engine that swapped MOGA's parameters for flat 1-D partitions (DeepSpeed ZeRO >= 1)
         # would otherwise get every matrix updated as a vector: a silent wrong update.
-        if id(param) in self._known or param.dim() >= 2 or group.get("role") in ("vector", "embedding"):
+        if id(param) in self._known or param.dim() >= 2 or group.get("role") in ("vector", "embedding") \
+                or id(param) in self._layouts:
             return
         raise ValueError(
             f"MOGA was handed a 1-D tensor of {param.numel()} elements it was not constructed with "
@@ -279,12 +326,22 @@ class MOGA(torch.optim.Optimizer):
         arena = torch.zeros(sum(sizes), dtype=torch.float32, device=pieces[0].momentum.device)
         F.phase_a_all(pieces, arena, offsets, self.fused)
         stats = arena.split(sizes)
-        self.reducer.reduce([(pc.plan, st) for pc, st in zip(pieces, stats) if pc.plan is not None])
+        self.reducer.reduce(self._reduction_items(owned, stats))
         # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
         if not math.isfinite(float(arena.sum())):
             self._refuse_non_finite(owned, stats)
         F.phase_b_all(pieces, arena, offsets, self.fused)
         return loss
+
+    def _reduction_items(self, owned, stats) -> list:
+        # (global key, local position): a flat buffer's segments share their owner's key and keep
+        # their order within it.
+        items = [((self._order.get(id(owner), i), i), pc.plan, st)
+                 for i, ((owner, pc), st) in enumerate(zip(owned, stats)) if pc.plan is not None]
+        if self._order:
+            items += [((key, -1), plan, torch.zeros(plan.num_stats)) for key, plan in self._ghosts]
+            items.sort(key=lambda item: item[0])
+        return [(plan, st) for _, plan, st in items]
 
     @contextlib.contextmanager
     def suspended(self):

@@ -1,0 +1,185 @@
+"""Megatron-core adapter: `get_megatron_optimizer` with `OptimizerConfig(optimizer="moga")`.
+
+Megatron builds its usual wrappers (FP32Optimizer, Float16OptimizerWithFloat16Params, or the
+DistributedOptimizer, chained per dense/expert group) around an Adam, which its distributed
+optimizer insists on at construction; each wrapper's inner Adam is then replaced by a MOGA over
+the same tensors. All knowledge of Megatron's parameter metadata lives here: tensor-parallel
+attributes, the interleaved linear_qkv rows, SwiGLU's stride-2 linear_fc1, embedding and output
+layers, and the distributed optimizer's buffer partition (param_index_map, buckets), which become
+ShardLayouts. Parameters of which this rank owns nothing are declared as ghosts so that every rank
+packs the same all-reduce.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from .layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+from .optimizer import MOGA
+
+_ADAM_ONLY = ("betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+              "bias_correction", "decoupled_weight_decay", "adam_w_mode")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """What MOGA needs to know about one Megatron model parameter."""
+    key: int
+    name: str
+    role: str
+    layout: ShardLayout       # TP split only; the distributed optimizer adds the flat partition
+
+
+def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, ParamInfo]:
+    """{id(param): ParamInfo} for every parameter of the (DDP-wrapped) model chunks."""
+    out = {}
+    for chunk in model_chunks:
+        module = getattr(chunk, "module", chunk)
+        tcfg = getattr(module, "config", None)
+        for name, p in module.named_parameters():
+            local = list(p.shape)
+            tp = None
+            if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
+                dim, stride = int(p.partition_dim), int(getattr(p, "partition_stride", 1))
+                local[dim] *= tp_size
+                tp = TensorParallelSplit(dim, tp_rank, tp_size, stride)
+            global_shape = tuple(local)
+            blocks = _row_blocks(name, global_shape, tcfg)
+            if name.endswith("word_embeddings.weight") or name.endswith("position_embeddings.weight"):
+                role = "embedding"
+            elif name.endswith("output_layer.weight"):
+                role = "head"
+            else:
+                role = "hidden" if p.dim() >= 2 else "vector"
+            out[id(p)] = ParamInfo(len(out), name, role,
+                                   ShardLayout(global_shape, tp=tp if p.dim() == 2 else None, row_blocks=blocks))
+    return out
+
+
+def _row_blocks(name: str, global_shape, tcfg) -> RowBlocks | None:
+    if tcfg is None or len(global_shape) != 2:
+        return None
+    if name.endswith("linear_qkv.weight"):
+        heads = tcfg.num_attention_heads
+        groups = tcfg.num_query_groups or heads
+        head_dim = tcfg.kv_channels or tcfg.hidden_size // heads
+        return RowBlocks.qkv(groups, heads // groups, head_dim)
+    if name.endswith("linear_fc1.weight") and getattr(tcfg, "gated_linear_unit", False):
+        return RowBlocks.fused(global_shape[0] // 2, global_shape[0] // 2)
+    return None
+
+
+def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups: bool = True,
+                           pg_collection=None, moga: Mapping | None = None, **kwargs):
+    """Drop-in for megatron.core.optimizer.get_megatron_optimizer; `config.optimizer == "moga"`
+    selects MOGA (its settings in `moga`, e.g. {"norm": "col", "hidden_mult": 5.0}); the lr,
+    weight decay and schedule stay Megatron's. Any other optimizer name goes to Megatron unchanged."""
+    from megatron.core import optimizer as mopt
+    from megatron.core import parallel_state as ps
+
+    if config.optimizer != "moga":
+        return mopt.get_megatron_optimizer(config, model_chunks, config_overrides, use_gloo_process_groups,
+                                           pg_collection, **kwargs)
+    settings = dict(moga or {})
+    for key in ("lr", "weight_decay", "params", "layouts", "process_groups"):
+        if key in settings:
+            raise ValueError(f"moga[{key!r}] is not allowed: lr and weight decay come from OptimizerConfig")
+    built = mopt.get_megatron_optimizer(dataclasses.replace(config, optimizer="adam"), model_chunks,
+                                        config_overrides, use_gloo_process_groups, pg_collection, **kwargs)
+    tp_group = pg_collection.tp if pg_collection is not None and hasattr(pg_collection, "tp") \
+        else ps.get_tensor_model_parallel_group()
+    tp_size = torch.distributed.get_world_size(tp_group)
+    info = describe_params(model_chunks, torch.distributed.get_rank(tp_group), tp_size)
+    wrappers = built.chained_optimizers if isinstance(built, mopt.ChainedOptimizer) else [built]
+    for wrapper in wrappers:
+        if getattr(wrapper, "optimizer", None) is not None:
+            _swap_inner(wrapper, info, settings, tp_group)
+    return built
+
+
+def _pairs(wrapper):
+    """(inner tensor, model param) for each tensor the wrapper's inner optimizer updates."""
+    if hasattr(wrapper, "shard_fp32_from_float16_groups"):            # DistributedOptimizer
+        for models, shards in zip(wrapper.model_fp32_groups, wrapper.shard_fp32_groups):
+            yield from zip(shards, models)
+        for models, shards in zip(wrapper.model_float16_groups, wrapper.shard_fp32_from_float16_groups):
+            yield from zip(shards, models)
+    elif hasattr(wrapper, "fp32_from_float16_groups"):                 # Float16OptimizerWithFloat16Params
+        for models, mains in zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups):
+            yield from zip(mains, models)
+        for group in wrapper.fp32_from_fp32_groups:
+            yield from ((p, p) for p in group)
+    else:                                                               # FP32Optimizer
+        for group in wrapper.optimizer.param_groups:
+            yield from ((p, p) for p in group["params"])
+
+
+def _buffer_of(wrapper, model_param):
+    for buffer in wrapper.buffers:
+        if model_param in buffer.param_index_map:
+            return buffer
+    raise ValueError(f"parameter of shape {tuple(model_param.shape)} is in none of the optimizer's buffers")
+
+
+def _flat_ranges(buffer, model_param) -> tuple[tuple[int, int], ...]:
+    """Each DP rank's [start, end) of the TP-local flattened param: the buffer's bucket is cut
+    into dp equal chunks (Megatron's _build_model_gbuf_range), intersected with the param."""
+    start, end, bucket_index = buffer.param_index_map[model_param]
+    bucket = buffer.buckets[bucket_index]
+    dp = buffer.data_parallel_group.size()
+    chunk = bucket.grad_data.numel() // dp
+    ranges = []
+    for k in range(dp):
+        lo, hi = bucket.offset + k * chunk, bucket.offset + (k + 1) * chunk
+        ranges.append((min(max(lo - start, 0), end - start), min(max(hi - start, 0), end - start)))
+    return tuple(ranges)
+
+
+def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -> None:
+    adam = wrapper.optimizer
+    distributed = hasattr(wrapper, "shard_fp32_from_float16_groups")
+    groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in adam.param_groups]
+    layouts, options, order, ghosts = {}, {}, {}, []
+    dp_group = None
+    for inner, model in _pairs(wrapper):
+        meta = info[id(model)]
+        layout = meta.layout
+        if distributed:
+            buffer = _buffer_of(wrapper, model)
+            dp_group = buffer.data_parallel_group
+            layout = dataclasses.replace(layout, flat=FlatPartition(_flat_ranges(buffer, model), dp_group.rank()))
+        layouts[inner] = layout
+        options[inner] = {"role": meta.role}
+        order[inner] = meta.key
+    if distributed:
+        held = {info[id(m)].key for _, m in _pairs(wrapper)}
+        for buffer in wrapper.buffers:
+            for model in buffer.param_index_map:
+                meta = info[id(model)]
+                if meta.key in held:
+                    continue
+                flat = FlatPartition(_flat_ranges(buffer, model), buffer.data_parallel_group.rank())
+                ghosts.append((meta.key, dataclasses.replace(meta.layout, flat=flat), {"role": meta.role, **settings}))
+    process_groups = {"tp": tp_group}
+    if dp_group is not None:
+        process_groups["dp"] = dp_group
+    # Megatron's shards may be views (non-leaf): adopt them as its own wrappers do for Adam.
+    moga = MOGA([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups=process_groups)
+    moga.adopt_param_groups(groups)
+    moga.set_layouts(layouts)
+    moga.set_param_options(options)
+    moga.set_global_order(order, ghosts)
+    wrapper.optimizer = moga
+    wrapper.init_state_fn = _init_state
+
+
+def _init_state(opt: MOGA, config=None) -> None:
+    """Create MOGA's state for every tensor (Megatron calls this before loading checkpoints)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["step"] = 0

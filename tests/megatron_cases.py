@@ -1,0 +1,115 @@
+"""Workers for the Megatron tests: a tiny LLaMA-style GPTModel, k steps, gathered full weights."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+STEPS = 3
+GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 256
+MOGA_SETTINGS = {"momentum": 0.9, "hidden_mult": 5.0}
+
+
+def gather_full(t, p, ps):
+    """Full tensor of a TP-sharded parameter (Megatron's strided layout)."""
+    if not getattr(p, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
+        return t.detach().clone()
+    group, n = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    shards = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(shards, t.contiguous(), group=group)
+    d, s = p.partition_dim, p.partition_stride
+    return torch.cat([sh.chunk(s, d)[j] for j in range(s) for sh in shards], d)
+
+
+def train(tp, distributed_optimizer, norm):
+    """k steps at this TP size (DP = world / TP); returns {name: full weight} and the optimizer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer import TransformerConfig
+
+    import megatron_support
+    from moga_dist.megatron import get_megatron_optimizer
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    megatron_support.apply_model_shims()
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=96, tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                            params_dtype=torch.float32, pipeline_dtype=torch.float32, normalization="RMSNorm",
+                            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                            hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
+                            apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+                            gradient_accumulation_fusion=False)
+    torch.manual_seed(42)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0,
+                                                 use_distributed_optimizer=distributed_optimizer),
+                                 [ddp], moga={**MOGA_SETTINGS, "norm": norm})
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    pos = torch.arange(SEQ).unsqueeze(0)
+    for _ in range(STEPS):
+        tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+        mine = tokens.chunk(dp)[dp_rank]
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = ddp(mine[:, :-1], pos.expand(mine.shape[0], -1), mask, labels=mine[:, 1:]).mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        ok, _, _ = opt.step()
+        assert ok
+    check_metadata(ddp, tp, ps.get_tensor_model_parallel_rank())
+    full = {n: gather_full(p.data, p, ps) for n, p in model.named_parameters()}
+    return full, opt
+
+
+def check_metadata(ddp, tp, tp_rank):
+    """The adapter's reading of Megatron's metadata, checked against the model config by hand:
+    4 heads in 2 query groups of head_dim 16 -> QKV rows [q q k v] x 2; fc1 = [gate(96); up(96)]."""
+    from moga_dist import RowBlocks
+    from moga_dist.megatron import describe_params
+
+    info = {i.name: i for i in describe_params([ddp], tp_rank, tp).values()}
+    qkv = info["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv.role == "hidden" and qkv.layout.global_shape == (128, 64)
+    assert qkv.layout.row_blocks == RowBlocks(((32, 0), (16, 1), (16, 2)), 2)
+    fc1 = info["decoder.layers.1.mlp.linear_fc1.weight"]
+    assert fc1.layout.row_blocks == RowBlocks(((96, 0), (96, 1)), 1) and fc1.layout.global_shape == (192, 64)
+    proj = info["decoder.layers.0.self_attention.linear_proj.weight"]
+    assert proj.layout.global_shape == (64, 64)
+    if tp > 1:
+        assert (fc1.layout.tp.dim, fc1.layout.tp.stride, proj.layout.tp.dim) == (0, 2, 1)
+    assert info["embedding.word_embeddings.weight"].role == "embedding"
+    assert info["output_layer.weight"].role == "head" and info["output_layer.weight"].layout.global_shape == (256, 64)
+    assert info["decoder.final_layernorm.weight"].role == "vector"
+
+
+def reference(rank, world, path):
+    import megatron_support
+
+    megatron_support.enable_cuda_to_cpu()
+    out = {norm: train(1, False, norm)[0] for norm in ("row", "col")}
+    torch.save(out, path)
+
+
+def sharded(rank, world, path, layouts):
+    import megatron_support
+
+    megatron_support.enable_cuda_to_cpu()
+    ref = torch.load(path, weights_only=True)
+    torch.manual_seed(42)
+    for tp, distopt in layouts:
+        for norm in ("row", "col"):
+            full, opt = train(tp, distopt, norm)
+            kinds = {type(o).__name__ for o in getattr(opt, "chained_optimizers", [opt])}
+            inner = {type(o.optimizer).__name__ for o in getattr(opt, "chained_optimizers", [opt])}
+            assert inner == {"MOGA"}, inner
+            for name, want in ref[norm].items():
+                err = (full[name] - want).abs().max().item() / want.abs().max().item()
+                assert err <= 1e-6, (tp, distopt, norm, name, err, kinds)

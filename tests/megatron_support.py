@@ -1,0 +1,102 @@
+"""CPU shims that let megatron-core 0.16 run on gloo (test support only, never production code).
+
+Megatron's RNG tracker, RoPE buffer and memory buffer call CUDA, and its DDP and optimizer wrappers
+allocate with device='cuda' literals; these shims route them to the CPU so the CPU machines can
+test the real wrappers."""
+import contextlib
+import operator
+from functools import reduce
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+def _is_cuda(d):
+    return (isinstance(d, int) and not isinstance(d, bool)) or (isinstance(d, str) and d.startswith("cuda")) \
+        or (isinstance(d, torch.device) and d.type == "cuda")
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Redirects device='cuda' allocations and .cuda()/.to('cuda') to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:      # clip_grads asserts cuda types
+            t = func(*args)
+            return t if t.startswith("torch.cuda.") else t.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+class _Stream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def enable_cuda_to_cpu():
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_stream = torch.cuda.default_stream = lambda *a, **k: _Stream()
+    CudaToCpu().__enter__()
+
+
+def apply_model_shims(seed=1234):
+    """CPU RNG tracker, RoPE without .to(cuda), CPU GlobalMemoryBuffer (after initialize_model_parallel)."""
+    import megatron.core.tensor_parallel.random as mr
+    from megatron.core import utils as mu
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
+
+    class CPURNGStatesTracker(mr.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            g = torch.Generator()
+            g.manual_seed(seed)
+            self.states_[name] = g.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mr._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mr._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mr.model_parallel_cuda_manual_seed(seed)
+
+    def get_emb(self, max_seq_len, offset=0):
+        f = self.get_freqs_non_repeated(max_seq_len, offset)
+        emb = torch.cat((f, f), -1) if not self.rotary_interleaved else \
+            torch.stack((f.view(-1, 1), f.view(-1, 1)), -1).view(f.shape[0], -1)
+        return emb[:, None, None, :]
+
+    rpe.RotaryEmbedding.get_emb = get_emb
+
+    def get_tensor(self, shape, dtype, name, mem_alloc_context=None):
+        n = reduce(operator.mul, shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            self.buffer[(name, dtype)] = buf = torch.empty(n, dtype=dtype)
+        return buf[:n].view(*shape)
+
+    mu.GlobalMemoryBuffer.get_tensor = get_tensor

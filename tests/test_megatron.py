@@ -1,0 +1,25 @@
+"""MOGA through Megatron-core's wrappers equals TP=1 x DP=1 at TP=2, DP=2 and TP=2 x DP=2, with and
+without the distributed optimizer, for the row and column variants (QKV and gate/up per block)."""
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from dist_utils import spawn  # noqa: E402
+from megatron_cases import reference, sharded  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def megatron_reference(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("megatron") / "tp1.pt")
+    spawn(1, reference, path)
+    return path
+
+
+@pytest.mark.distributed
+def test_megatron_tp2_and_dp2_equal_tp1(megatron_reference):
+    spawn(2, sharded, megatron_reference, [(2, False), (1, False), (1, True), (2, True)])
+
+
+@pytest.mark.distributed
+def test_megatron_tp2_x_dp2_equals_tp1(megatron_reference):
+    spawn(4, sharded, megatron_reference, [(2, False), (2, True)])

@@ -35,8 +35,9 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def save(engine, ckpt_dir: Path, step: int, meta: dict, keep: int, is_rank0: bool, barrier) -> str:
-    """Save `engine` as tag step<N>; returns the tag. Collective: every rank calls it."""
+def save(engine, ckpt_dir: Path, step: int, meta: dict, keep: int, is_rank0: bool, barrier,
+         client: dict | None = None) -> str:
+    """Save `engine` as tag step<N> (with `client` state); returns the tag. Every rank calls it."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
     tmp_tag = f".tmp-{tag}"
@@ -44,7 +45,8 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep: int, is_rank0: boo
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)     # debris of an earlier crash
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={**(client or {}), "step": step},
+                           save_latest=False)
     barrier()
     if is_rank0:
         _atomic_write(ckpt_dir / tmp_tag / META, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))

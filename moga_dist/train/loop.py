@@ -106,10 +106,10 @@ def run(cfg: RunConfig) -> dict:
 
     torch.manual_seed(t.seed)
     engine = _engine(cfg, build_model(cfg.model), world)
-    start = 0
+    start, last_loss = 0, float("nan")
     if tag:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        start = int(client["step"])
+        start, last_loss = int(client["step"]), float(client.get("train_loss", float("nan")))
     corpus = ByteCorpus(cfg.data.corpus, cfg.model.max_seq_len, cfg.data.val_fraction, t.seed)
     barrier = dist.barrier if world > 1 else (lambda: None)
 
@@ -121,9 +121,10 @@ def run(cfg: RunConfig) -> dict:
         writer = SummaryWriter(str(log_dir))
         bar = tqdm(total=t.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
     tokens_per_step = t.global_batch_size * cfg.model.max_seq_len
-    last_loss = float("nan")
     timed_steps, timed_seconds, val_loss, last_tag = 0, 0.0, float("nan"), tag
     end = t.steps if t.stop_at_step is None else min(t.steps, t.stop_at_step)
+    if start >= end:            # already finished (e.g. the same command run twice): just report
+        val_loss = evaluate(engine, corpus, cfg, rank, world)
     for step in range(start, end):
         t0 = time.perf_counter()
         losses = []
@@ -143,7 +144,8 @@ def run(cfg: RunConfig) -> dict:
         if done % t.eval_every == 0 or done == t.steps:
             val_loss = evaluate(engine, corpus, cfg, rank, world)
         if done % cfg.checkpoint.every == 0 or done == end:
-            last_tag = checkpoint.save(engine, ckpt_dir, done, meta, cfg.checkpoint.keep, rank == 0, barrier)
+            last_tag = checkpoint.save(engine, ckpt_dir, done, meta, cfg.checkpoint.keep, rank == 0, barrier,
+                                       client={"train_loss": last_loss})
         if rank == 0:
             tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else 0.0
             if loss_now is not None:
@@ -177,7 +179,8 @@ def format_summary(s: dict, on_cpu: bool) -> str:
         f"  optimizer {s['optimizer']} | {s['world_size']} {device} ranks | ZeRO-{s['zero_stage']}",
         f"  final train loss {s['final_train_loss']:.4f} (last step, all ranks) | "
         f"validation loss {s['val_loss']:.4f}",
-        f"  throughput {s['tokens_per_s']:,.0f} tokens/s",
+        f"  throughput {s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] == s["tokens_per_s"]
+        else "  nothing left to train: the checkpoint is already at the last step (evaluated it)",
         f"  checkpoint  {s['checkpoint']}",
         f"  tensorboard {s['tensorboard']}   (view: tensorboard --logdir {s['tensorboard']})",
     ])

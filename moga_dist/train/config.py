@@ -96,6 +96,18 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Where the preset runs: engine, layout and hardware (for launch scripts and the memory check)."""
+    engine: str = "deepspeed"        # "deepspeed" (moga_dist.train) or "megatron" (generated flags)
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    nodes: int = 1
+    gpus_per_node: int = 2           # processes per node (CPU processes for the tiny preset)
+    gpu: str = "cpu"                 # a key of presets.GPU_MEMORY_GIB
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "run"
     output_dir: str = "outputs/run"
@@ -105,6 +117,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _build(cls, data: dict, where: str):
@@ -173,6 +186,31 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("training.steps, micro_batch_size and global_batch_size must be >= 1")
     if m.vocab_size < 256 and cfg.data.corpus:
         raise ValueError(f"model.vocab_size={m.vocab_size}: the byte-level tokenizer needs >= 256")
+    p = cfg.parallel
+    if p.engine not in ("deepspeed", "megatron"):
+        raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
+    if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):
+        raise ValueError("parallel.engine='deepspeed' runs data parallel only (tensor_parallel = "
+                         "pipeline_parallel = 1); use engine='megatron' for tensor/pipeline parallelism")
+    tp = p.tensor_parallel
+    for name, value in (("model.hidden_size", m.hidden_size), ("model.num_heads", m.num_heads),
+                        ("model.intermediate_size", m.intermediate_size), ("model.vocab_size", m.vocab_size)):
+        if value % tp:
+            raise ValueError(f"{name}={value} is not divisible by parallel.tensor_parallel={tp}")
+    if m.num_kv_heads % tp and tp % m.num_kv_heads:
+        raise ValueError(f"model.num_kv_heads={m.num_kv_heads} and parallel.tensor_parallel={tp}: one must divide the other")
+    if m.num_layers % p.pipeline_parallel:
+        raise ValueError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel={p.pipeline_parallel}")
+
+
+def data_parallel_size(cfg: RunConfig) -> int:
+    """Data-parallel ranks of the preset's full layout."""
+    p = cfg.parallel
+    world = p.nodes * p.gpus_per_node
+    if world % (p.tensor_parallel * p.pipeline_parallel):
+        raise ValueError(f"{world} ranks are not divisible by tensor_parallel*pipeline_parallel = "
+                         f"{p.tensor_parallel}*{p.pipeline_parallel}")
+    return world // (p.tensor_parallel * p.pipeline_parallel)
 
 
 def accumulation_steps(cfg: RunConfig, world_size: int) -> int:

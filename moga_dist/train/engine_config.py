@@ -30,18 +30,52 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return out
 
 
+def megatron_args(cfg: RunConfig) -> list[str]:
+    """Megatron-LM `pretrain_gpt.py` flags for the preset (LLaMA: RMSNorm, SwiGLU, RoPE, GQA,
+    untied head, no biases). The optimizer itself is chosen through moga_dist.megatron."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    args = ["--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.intermediate_size,
+            "--num-attention-heads", m.num_heads, "--seq-length", m.max_seq_len,
+            "--max-position-embeddings", m.max_seq_len, "--normalization", "RMSNorm", "--norm-epsilon", m.rms_norm_eps,
+            "--swiglu", "--position-embedding-type", "rope", "--rotary-base", int(m.rope_theta),
+            "--disable-bias-linear", "--micro-batch-size", t.micro_batch_size,
+            "--global-batch-size", t.global_batch_size, "--train-iters", t.steps, "--lr-warmup-iters", t.warmup_steps,
+            "--lr-decay-style", "cosine", "--lr", cfg.optimizer.moga.lr,
+            "--min-lr", cfg.optimizer.moga.lr * t.min_lr_ratio, "--weight-decay", cfg.optimizer.moga.weight_decay,
+            "--clip-grad", t.gradient_clipping, "--tensor-model-parallel-size", p.tensor_parallel,
+            "--pipeline-model-parallel-size", p.pipeline_parallel, "--use-distributed-optimizer",
+            "--seed", t.seed]
+    if m.num_kv_heads != m.num_heads:
+        args += ["--group-query-attention", "--num-query-groups", m.num_kv_heads]
+    if not m.tie_embeddings:
+        args += ["--untie-embeddings-and-output-weights"]
+    if cfg.engine.bf16:
+        args += ["--bf16"]
+    if p.activation_checkpointing:
+        args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", 1]
+    return [str(a) for a in args]
+
+
 def main(argv=None) -> None:
-    """`python -m moga_dist.train.engine_config --config X.toml --world-size N`: print the JSON."""
+    """`python -m moga_dist.train.engine_config --config X.toml [--world-size N] [--megatron]`:
+    print the DeepSpeed JSON (or the Megatron flags) generated from the preset."""
     import argparse
 
     from .config import load
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--world-size", type=int, required=True)
+    ap.add_argument("--world-size", type=int, default=None, help="default: the preset's data-parallel size")
+    ap.add_argument("--megatron", action="store_true", help="print Megatron-LM flags instead")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
-    print(json.dumps(deepspeed_config(load(args.config, args.set), args.world_size), indent=2))
+    cfg = load(args.config, args.set)
+    if args.megatron:
+        print(" ".join(megatron_args(cfg)))
+        return
+    from .config import data_parallel_size
+
+    print(json.dumps(deepspeed_config(cfg, args.world_size or data_parallel_size(cfg)), indent=2))
 
 
 if __name__ == "__main__":

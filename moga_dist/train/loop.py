@@ -90,6 +90,9 @@ def run(cfg: RunConfig) -> dict:
     """Train per `cfg`; returns (and rank 0 prints and saves) a summary."""
     import torch.distributed as dist
 
+    if cfg.parallel.engine != "deepspeed":
+        raise ValueError(f"preset {cfg.name!r} is laid out for parallel.engine={cfg.parallel.engine!r}: print its "
+                         "Megatron-LM flags with `python -m moga_dist.train.engine_config --config <preset> --megatron`")
     rank, world, on_cpu = _setup_distributed()
     accum = accumulation_steps(cfg, world)
     t = cfg.training

@@ -1,0 +1,85 @@
+"""Checks and a per-GPU memory estimate for the presets in configs/.
+
+`python -m moga_dist.train.presets configs/*.toml` prints, per preset: parameters, layout, and the
+estimated per-GPU memory (weights, gradients, fp32 master + MOGA momentum, activations) against the
+GPU it names. The estimate is first-order (no fragmentation, no framework buffers): it answers
+"does this layout plausibly fit", not "how much headroom is left".
+"""
+from __future__ import annotations
+
+import sys
+
+from .config import RunConfig, accumulation_steps, data_parallel_size, load
+
+GPU_MEMORY_GIB = {"cpu": 24, "A100-40GB": 40, "A100-80GB": 80, "H100-80GB": 80, "H200-141GB": 141}
+USABLE_FRACTION = 0.9          # leave 10% for the allocator, NCCL and framework buffers
+
+
+def parameter_count(cfg: RunConfig) -> int:
+    """Parameters of the LLaMA in `cfg.model` (untied head unless tie_embeddings)."""
+    m = cfg.model
+    head_dim = m.hidden_size // m.num_heads
+    attn = m.hidden_size * head_dim * (m.num_heads * 2 + m.num_kv_heads * 2)   # q, o, k, v
+    mlp = 3 * m.hidden_size * m.intermediate_size
+    per_layer = attn + mlp + 2 * m.hidden_size
+    embed = m.vocab_size * m.hidden_size
+    return m.num_layers * per_layer + embed * (1 if m.tie_embeddings else 2) + m.hidden_size
+
+
+def memory_estimate(cfg: RunConfig) -> dict:
+    """Per-GPU bytes by component for the preset's layout (bf16 weights and grads when engine.bf16)."""
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    dp = data_parallel_size(cfg)
+    shard = parameter_count(cfg) / (p.tensor_parallel * p.pipeline_parallel)
+    wbytes = 2 if cfg.engine.bf16 else 4
+    if p.engine == "deepspeed":                       # ZeRO-1 shards optimizer state, ZeRO-2 also grads
+        grads = shard * wbytes / (dp if cfg.engine.zero_stage >= 2 else 1)
+        states = shard * (8 if cfg.engine.bf16 else 4) / (dp if cfg.engine.zero_stage >= 1 else 1)
+    else:                                             # Megatron DDP fp32 grad buffer + distributed optimizer
+        grads = shard * 4
+        states = shard * (8 if cfg.engine.bf16 else 4) / dp
+    # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it
+    # is; with full recomputation only each layer's input is kept, plus one layer's working set.
+    s, b, h, a = m.max_seq_len, t.micro_batch_size, m.hidden_size, m.num_heads
+    layer_full = s * b * h * (10 + 24 / p.tensor_parallel + 5 * a * s / (h * p.tensor_parallel))
+    layers = m.num_layers / p.pipeline_parallel
+    if p.activation_checkpointing:
+        acts = layers * 2 * s * b * h + layer_full
+    else:
+        acts = layers * layer_full
+    logits = s * b * m.vocab_size / p.tensor_parallel * 4 * 2          # fp32 logits and their grad
+    total = shard * wbytes + grads + states + acts + logits
+    budget = GPU_MEMORY_GIB[p.gpu] * 2 ** 30 * USABLE_FRACTION
+    return {"params": parameter_count(cfg), "weights": shard * wbytes, "grads": grads, "optimizer_state": states,
+            "activations": acts + logits, "total": total, "budget": budget, "fits": total <= budget}
+
+
+def check(cfg: RunConfig) -> dict:
+    """Validate a preset's layout (divisibility, batch) and return its memory estimate."""
+    if cfg.parallel.gpu not in GPU_MEMORY_GIB:
+        raise ValueError(f"parallel.gpu={cfg.parallel.gpu!r}; known: {sorted(GPU_MEMORY_GIB)}")
+    dp = data_parallel_size(cfg)
+    accumulation_steps(cfg, dp)
+    return memory_estimate(cfg)
+
+
+def main(argv=None) -> int:
+    paths = (argv if argv is not None else sys.argv[1:])
+    gib = 2 ** 30
+    print(f"{'preset':<14}{'params':>10} {'layout':<24}{'weights':>8}{'grads':>8}{'optim':>8}{'acts':>8}"
+          f"{'total':>8}{'GPU':>11}  fits")
+    bad = 0
+    for path in paths:
+        cfg = load(path)
+        e = check(cfg)
+        p = cfg.parallel
+        layout = f"{p.engine[:2]} {p.nodes}x{p.gpus_per_node} tp{p.tensor_parallel} pp{p.pipeline_parallel}"
+        print(f"{cfg.name:<14}{e['params'] / 1e9:>9.2f}B {layout:<24}{e['weights'] / gib:>8.1f}{e['grads'] / gib:>8.1f}"
+              f"{e['optimizer_state'] / gib:>8.1f}{e['activations'] / gib:>8.1f}{e['total'] / gib:>8.1f}"
+              f"{p.gpu:>11}  {'yes' if e['fits'] else 'NO'}")
+        bad += not e["fits"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

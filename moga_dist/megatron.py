@@ -171,6 +171,9 @@ def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -
     moga.set_layouts(layouts)
     moga.set_param_options(options)
     moga.set_global_order(order, ghosts)
+    # Megatron's sharded checkpoints map state to each parameter's global sharding and reshard it
+    # (TP=2 -> TP=1 works); a per-rank layout record would be wrong there.
+    moga.save_layouts = False
     wrapper.optimizer = moga
     wrapper.init_state_fn = _init_state
 

@@ -115,6 +115,9 @@ class MOGA(torch.optim.Optimizer):
         self.reducer = StatReducer(process_groups)
         self.fused = fused
         self._suspended = False
+        # Record layouts in state_dict() so a per-rank checkpoint is not loaded into another layout.
+        # Engines whose checkpoints reshard state per parameter (Megatron dist_checkpointing) turn it off.
+        self.save_layouts = True
         self._static_cache: dict[tuple, tuple] = {}
         self.set_layouts(layouts or {})
 
@@ -371,7 +374,8 @@ class MOGA(torch.optim.Optimizer):
     def state_dict(self):
         """torch.optim state dict plus each parameter's layout, to refuse a foreign layout."""
         sd = super().state_dict()
-        sd["layouts"] = [self.layout_of(p).to_dict() for g in self.param_groups for p in g["params"]]
+        if self.save_layouts:
+            sd["layouts"] = [self.layout_of(p).to_dict() for g in self.param_groups for p in g["params"]]
         return sd
 
     def load_state_dict(self, state_dict):

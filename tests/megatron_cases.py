@@ -19,8 +19,12 @@ def gather_full(t, p, ps):
     return torch.cat([sh.chunk(s, d)[j] for j in range(s) for sh in shards], d)
 
 
-def train(tp, distributed_optimizer, norm):
-    """k steps at this TP size (DP = world / TP); returns {name: full weight} and the optimizer."""
+LAST = {}
+
+
+def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, save_dir=None):
+    """Steps [start, steps) at this TP size (DP = world / TP), optionally loading a dist_checkpointing
+    checkpoint first and saving one at the end; returns {name: full weight} and the optimizer."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
@@ -54,8 +58,19 @@ def train(tp, distributed_optimizer, norm):
     gen = torch.Generator().manual_seed(7)
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
     pos = torch.arange(SEQ).unsqueeze(0)
-    for _ in range(STEPS):
+    LAST["ddp"] = ddp
+    if load_dir is not None:
+        from megatron.core import dist_checkpointing
+
+        msd = model.sharded_state_dict()
+        loaded = dist_checkpointing.load({"model": msd, "optimizer": opt.sharded_state_dict(msd, is_loading=True)},
+                                         load_dir)
+        model.load_state_dict(loaded["model"])
+        opt.load_state_dict(loaded["optimizer"])
+    for step in range(steps):
         tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+        if step < start:
+            continue
         mine = tokens.chunk(dp)[dp_rank]
         ddp.zero_grad_buffer()
         opt.zero_grad()
@@ -64,6 +79,11 @@ def train(tp, distributed_optimizer, norm):
         finalize_model_grads([ddp])
         ok, _, _ = opt.step()
         assert ok
+    if save_dir is not None:
+        from megatron.core import dist_checkpointing
+
+        msd = model.sharded_state_dict()
+        dist_checkpointing.save({"model": msd, "optimizer": opt.sharded_state_dict(msd)}, save_dir)
     check_metadata(ddp, tp, ps.get_tensor_model_parallel_rank())
     full = {n: gather_full(p.data, p, ps) for n, p in model.named_parameters()}
     return full, opt
@@ -113,3 +133,24 @@ def sharded(rank, world, path, layouts):
             for name, want in ref[norm].items():
                 err = (full[name] - want).abs().max().item() / want.abs().max().item()
                 assert err <= 1e-6, (tp, distopt, norm, name, err, kinds)
+
+
+def save_at_tp2(rank, world, save_dir):
+    import megatron_support
+
+    megatron_support.enable_cuda_to_cpu()
+    train(2, False, "col", steps=2, save_dir=save_dir)
+
+
+def resume_at_tp1(rank, world, load_dir, ref_path):
+    """Load the TP=2 checkpoint at TP=1, take step 3: equals 3 uninterrupted TP=1 steps."""
+    import megatron_support
+
+    megatron_support.enable_cuda_to_cpu()
+    full, opt = train(1, False, "col", steps=STEPS, start=2, load_dir=load_dir)
+    inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
+    assert all(s["step"] == STEPS for s in inner.state.values())
+    want = torch.load(ref_path, weights_only=True)["col"]
+    for name, w in want.items():
+        err = (full[name] - w).abs().max().item() / w.abs().max().item()
+        assert err <= 1e-6, (name, err)

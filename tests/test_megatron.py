@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
-from megatron_cases import reference, sharded  # noqa: E402
+from megatron_cases import reference, resume_at_tp1, save_at_tp2, sharded  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +23,10 @@ def test_megatron_tp2_and_dp2_equal_tp1(megatron_reference):
 @pytest.mark.distributed
 def test_megatron_tp2_x_dp2_equals_tp1(megatron_reference):
     spawn(4, sharded, megatron_reference, [(2, False), (2, True)])
+
+
+@pytest.mark.distributed
+def test_megatron_checkpoint_saved_at_tp2_continues_at_tp1(megatron_reference, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    spawn(2, save_at_tp2, str(tmp_path / "ckpt"))
+    spawn(1, resume_at_tp1, str(tmp_path / "ckpt"), megatron_reference)

@@ -154,3 +154,36 @@ def resume_at_tp1(rank, world, load_dir, ref_path):
     for name, w in want.items():
         err = (full[name] - w).abs().max().item() / w.abs().max().item()
         assert err <= 1e-6, (name, err)
+
+
+def megatron_job(rank, world, base):
+    """The training loop's Megatron backend at TP=2: straight 4 steps == 2 steps, stop, resume 2."""
+    import megatron_support
+    from megatron.core import parallel_state as ps
+    from train_cases import TINY
+
+    from moga_dist.train.backend_megatron import MegatronBackend
+    from moga_dist.train.config import load
+    from moga_dist.train.loop import run
+
+    megatron_support.enable_cuda_to_cpu()
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    megatron_support.apply_model_shims()
+    common = TINY + ["parallel.engine='megatron'", "parallel.tensor_parallel=2", "training.steps=4",
+                     "engine.zero_stage=0", "training.global_batch_size=2"]
+
+    def weights(backend):
+        return {n: gather_full(p.data, p, ps) for n, p in backend.model.named_parameters()}
+
+    straight = MegatronBackend(load(None, common + [f"output_dir='{base}/straight'"]), allow_cpu=True)
+    summary = run(straight.cfg, straight)
+    assert summary["layout"].startswith("Megatron TP2 x DP1") and summary["steps"] == 4
+    first = MegatronBackend(load(None, common + [f"output_dir='{base}/split'", "training.stop_at_step=2"]),
+                            allow_cpu=True)
+    run(first.cfg, first)
+    resumed = MegatronBackend(load(None, common + [f"output_dir='{base}/split'"]), allow_cpu=True)
+    assert run(resumed.cfg, resumed)["resumed_from"] == 2
+    want, got = weights(straight), weights(resumed)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
-from megatron_cases import reference, resume_at_tp1, save_at_tp2, sharded  # noqa: E402
+from megatron_cases import megatron_job, reference, resume_at_tp1, save_at_tp2, sharded  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,3 +30,16 @@ def test_megatron_checkpoint_saved_at_tp2_continues_at_tp1(megatron_reference, t
     (tmp_path / "ckpt").mkdir()
     spawn(2, save_at_tp2, str(tmp_path / "ckpt"))
     spawn(1, resume_at_tp1, str(tmp_path / "ckpt"), megatron_reference)
+
+
+@pytest.mark.distributed
+def test_megatron_training_job_resumes_bit_exact_at_tp2(tmp_path):
+    spawn(2, megatron_job, str(tmp_path))
+
+
+def test_megatron_job_refuses_the_distributed_optimizer_until_it_can_checkpoint_moga():
+    from moga_dist.train.backend_megatron import MegatronBackend
+    from moga_dist.train.config import load
+
+    with pytest.raises(ValueError, match="zero_stage=1 with parallel.engine='megatron'"):
+        MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=1"]))

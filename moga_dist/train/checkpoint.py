@@ -17,7 +17,7 @@ LATEST = "latest"
 META = "meta.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -35,26 +35,26 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def save(engine, ckpt_dir: Path, step: int, meta: dict, keep: int, is_rank0: bool, barrier,
-         client: dict | None = None) -> str:
-    """Save `engine` as tag step<N> (with `client` state); returns the tag. Every rank calls it."""
+def save(save_fn, ckpt_dir: Path, step: int, meta: dict, keep: int, is_rank0: bool, barrier) -> str:
+    """Checkpoint as tag step<N>: `save_fn(directory)` writes the engine's files (collective; every
+    rank calls this); meta.json records `meta` and the step. Returns the tag."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
     tmp_tag = f".tmp-{tag}"
     if is_rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)     # debris of an earlier crash
+        (ckpt_dir / tmp_tag).mkdir()
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={**(client or {}), "step": step},
-                           save_latest=False)
+    save_fn(ckpt_dir / tmp_tag)
     barrier()
     if is_rank0:
-        _atomic_write(ckpt_dir / tmp_tag / META, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        atomic_write(ckpt_dir / tmp_tag / META, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
         final = ckpt_dir / tag
         if final.exists():                                        # re-saving the same step
             shutil.rmtree(final)
         os.replace(ckpt_dir / tmp_tag, final)
-        _atomic_write(ckpt_dir / LATEST, tag)
+        atomic_write(ckpt_dir / LATEST, tag)
         tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -69,7 +69,7 @@ def check_compatible(ckpt_dir: Path, tag: str, meta: dict) -> dict:
         raise ValueError(f"checkpoint {path.parent} has no {META}: not written by moga_dist.train")
     saved = json.loads(path.read_text())
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {v!r}" for k, v in meta.items()
-             if k in ("model", "optimizer_name", "world_size", "zero_stage") and saved.get(k) != v]
+             if k in ("model", "optimizer_name", "engine", "world_size", "zero_stage") and saved.get(k) != v]
     if diffs:
         raise ValueError(f"checkpoint {path.parent} does not match this run ({'; '.join(diffs)}). Point "
                          "output_dir elsewhere to start a new run, or restore the original settings.")

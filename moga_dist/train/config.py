@@ -189,7 +189,7 @@ def validate(cfg: RunConfig) -> None:
     p = cfg.parallel
     if p.engine not in ("deepspeed", "megatron"):
         raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
-    if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):
+    if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):  # HF model: DP only
         raise ValueError("parallel.engine='deepspeed' runs data parallel only (tensor_parallel = "
                          "pipeline_parallel = 1); use engine='megatron' for tensor/pipeline parallelism")
     tp = p.tensor_parallel

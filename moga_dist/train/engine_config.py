@@ -43,8 +43,9 @@ def megatron_args(cfg: RunConfig) -> list[str]:
             "--lr-decay-style", "cosine", "--lr", cfg.optimizer.moga.lr,
             "--min-lr", cfg.optimizer.moga.lr * t.min_lr_ratio, "--weight-decay", cfg.optimizer.moga.weight_decay,
             "--clip-grad", t.gradient_clipping, "--tensor-model-parallel-size", p.tensor_parallel,
-            "--pipeline-model-parallel-size", p.pipeline_parallel, "--use-distributed-optimizer",
-            "--seed", t.seed]
+            "--pipeline-model-parallel-size", p.pipeline_parallel, "--seed", t.seed]
+    if cfg.engine.zero_stage >= 1:
+        args += ["--use-distributed-optimizer"]
     if m.num_kv_heads != m.num_heads:
         args += ["--group-query-attention", "--num-query-groups", m.num_kv_heads]
     if not m.tie_embeddings:

@@ -35,9 +35,9 @@ def memory_estimate(cfg: RunConfig) -> dict:
     if p.engine == "deepspeed":                       # ZeRO-1 shards optimizer state, ZeRO-2 also grads
         grads = shard * wbytes / (dp if cfg.engine.zero_stage >= 2 else 1)
         states = shard * (8 if cfg.engine.bf16 else 4) / (dp if cfg.engine.zero_stage >= 1 else 1)
-    else:                                             # Megatron DDP fp32 grad buffer + distributed optimizer
-        grads = shard * 4
-        states = shard * (8 if cfg.engine.bf16 else 4) / dp
+    else:                                             # Megatron DDP fp32 grad buffer; optimizer state
+        grads = shard * 4                             # sharded by the distributed optimizer (zero_stage >= 1)
+        states = shard * (8 if cfg.engine.bf16 else 4) / (dp if cfg.engine.zero_stage >= 1 else 1)
     # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it
     # is; with full recomputation only each layer's input is kept, plus one layer's working set.
     s, b, h, a = m.max_seq_len, t.micro_batch_size, m.hidden_size, m.num_heads

@@ -1,0 +1,94 @@
+"""DeepSpeed backend of the training loop: HF LlamaForCausalLM (built from a config, no weights
+downloaded), MOGA through moga_dist.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-2."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .engine_config import deepspeed_config
+from .loop import cpu_threads
+
+
+def build_model(m) -> torch.nn.Module:
+    """A randomly initialized LLaMA (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                         num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
+                         rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta,
+                         tie_word_embeddings=m.tie_embeddings)
+    return LlamaForCausalLM(config)
+
+
+class DeepSpeedBackend:
+    """One data-parallel group over all ranks; checkpoints are DeepSpeed's own (per-rank ZeRO files)."""
+
+    def __init__(self, cfg: RunConfig):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        self.cfg = cfg
+        self.on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
+        if self.on_cpu:
+            from ..deepspeed import skip_shm_comm_build
+
+            skip_shm_comm_build()
+            cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+        deepspeed.init_distributed(dist_backend="gloo" if self.on_cpu else "nccl", auto_mpi_discovery=False)
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.dp_rank, self.dp_world = self.rank, self.world
+        torch.manual_seed(cfg.training.seed)
+        model = build_model(cfg.model)
+        ds_cfg = deepspeed_config(cfg, self.world)
+        if cfg.optimizer.name == "moga":
+            from .. import MOGA, param_groups
+            from ..deepspeed import initialize
+
+            optimizer = MOGA(param_groups(model), **dataclasses.asdict(cfg.optimizer.moga))
+            self.engine = initialize(model=model, optimizer=optimizer, config=ds_cfg)[0]
+        else:
+            self.engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)[0]
+
+    def layout_meta(self) -> dict:
+        """Fields a resume must match: ZeRO files are per rank, so the world size must not change."""
+        return {"engine": "deepspeed", "world_size": self.world, "zero_stage": self.cfg.engine.zero_stage}
+
+    def describe(self) -> str:
+        return f"ZeRO-{self.cfg.engine.zero_stage}"
+
+    def train_step(self, step: int, accum: int, corpus) -> list[float]:
+        losses = []
+        for micro in range(accum):
+            x = corpus.batch(step, micro, self.dp_rank, self.cfg.training.micro_batch_size)
+            loss = self.engine(input_ids=x, labels=x).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().item())
+        return losses
+
+    def eval_losses(self, corpus) -> list[float]:
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [self.engine(input_ids=x, labels=x).loss.item() for x in
+                      (corpus.batch(0, i, self.dp_rank, self.cfg.training.micro_batch_size, split="val")
+                       for i in range(self.cfg.training.eval_batches))]
+        self.engine.train()
+        return losses
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory.parent), tag=directory.name)

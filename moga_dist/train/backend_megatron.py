@@ -1,0 +1,162 @@
+"""Megatron-core backend of the training loop: a LLaMA on GPTModel (RMSNorm, SwiGLU, RoPE, GQA,
+untied head) with tensor and data parallelism from the preset, MOGA through moga_dist.megatron,
+Megatron's cosine schedule, and dist_checkpointing checkpoints (reshardable across TP and DP).
+
+Megatron-core needs CUDA; on CPU only the tests drive it, after applying their own shims
+(tests/megatron_support.py) and passing allow_cpu=True."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig
+
+
+class MegatronBackend:
+    """Megatron's replicated optimizer wrappers (engine.zero_stage = 0). Its distributed optimizer
+    steps MOGA exactly too (tests/test_megatron.py), but its checkpoint code is written for Adam's
+    state (exp_avg/exp_avg_sq and a tensor step), so this loop refuses it until that is adapted."""
+
+    def __init__(self, cfg: RunConfig, allow_cpu: bool = False):
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        p = cfg.parallel
+        if p.pipeline_parallel != 1:
+            raise ValueError(f"parallel.pipeline_parallel={p.pipeline_parallel}: this loop runs TP x DP only; MOGA "
+                             "itself is pipeline-agnostic (use it through moga_dist.megatron in Megatron-LM)")
+        if cfg.engine.zero_stage != 0:
+            raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': Megatron's "
+                             "distributed optimizer checkpoints only Adam's state, so MOGA's momentum could not be "
+                             "saved; use engine.zero_stage=0 (replicated optimizer state)")
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu and not allow_cpu:
+            raise ValueError("the Megatron backend needs CUDA GPUs (Megatron-core allocates on CUDA); on CPU use "
+                             "parallel.engine='deepspeed'")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo" if self.on_cpu else "nccl")
+        if not self.on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_parallel)
+        if not self.on_cpu:
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.dp_rank, self.dp_world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.model, self.ddp, self.optimizer, self.scheduler = self._build()
+        seq = cfg.model.max_seq_len - 1          # windows of max_seq_len tokens: inputs and shifted labels
+        self.mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+        self.positions = torch.arange(seq).unsqueeze(0)
+
+    def _build(self):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer import TransformerConfig
+
+        from ..megatron import get_megatron_optimizer
+
+        cfg, m, t = self.cfg, self.cfg.model, self.cfg.training
+        bf16 = cfg.engine.bf16
+        distributed_optimizer = False        # see the class docstring
+        tcfg = TransformerConfig(
+            num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
+            num_query_groups=m.num_kv_heads, ffn_hidden_size=m.intermediate_size, layernorm_epsilon=m.rms_norm_eps,
+            tensor_model_parallel_size=self.tp, use_cpu_initialization=self.on_cpu, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, pipeline_dtype=torch.float32,
+            normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+            hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
+            masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+            recompute_granularity="full" if cfg.parallel.activation_checkpointing else None,
+            recompute_method="uniform" if cfg.parallel.activation_checkpointing else None,
+            recompute_num_layers=1 if cfg.parallel.activation_checkpointing else None)
+        torch.manual_seed(t.seed)
+        model = GPTModel(config=tcfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                         vocab_size=m.vocab_size, max_sequence_length=m.max_seq_len,
+                         position_embedding_type="rope", rotary_base=int(m.rope_theta),
+                         share_embeddings_and_output_weights=m.tie_embeddings)
+        if not self.on_cpu:
+            model.cuda(torch.cuda.current_device())
+        ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer), model)
+        moga = dataclasses.asdict(cfg.optimizer.moga)
+        lr, wd = moga.pop("lr"), moga.pop("weight_decay")
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="moga", lr=lr, min_lr=lr * t.min_lr_ratio, weight_decay=wd,
+                            clip_grad=t.gradient_clipping, bf16=bf16,
+                            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                            use_distributed_optimizer=distributed_optimizer), [ddp], moga=moga)
+        scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=lr, min_lr=lr * t.min_lr_ratio,
+                                            lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.steps,
+                                            lr_decay_style="cosine", start_wd=wd, end_wd=wd, wd_incr_steps=t.steps,
+                                            wd_incr_style="constant")
+        return model, ddp, optimizer, scheduler
+
+    def layout_meta(self) -> dict:
+        """dist_checkpointing reshards across TP and DP: only the engine must match."""
+        return {"engine": "megatron"}
+
+    def describe(self) -> str:
+        return f"Megatron TP{self.tp} x DP{self.dp_world}, replicated optimizer"
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.on_cpu:
+            x = x.cuda()
+        pos = self.positions.to(x.device).expand(x.shape[0], -1)
+        return self.ddp(x[:, :-1], pos, self.mask.to(x.device), labels=x[:, 1:]).float().mean()
+
+    def train_step(self, step: int, accum: int, corpus) -> list[float]:
+        from megatron.core.distributed import finalize_model_grads
+
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = []
+        for micro in range(accum):
+            loss = self._loss(corpus.batch(step, micro, self.dp_rank, self.cfg.training.micro_batch_size))
+            (loss / accum).backward()
+            losses.append(loss.item())
+        finalize_model_grads([self.ddp])
+        ok, _, _ = self.optimizer.step()
+        if not ok:
+            raise ValueError(f"step {step}: Megatron skipped the optimizer step (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        return losses
+
+    def eval_losses(self, corpus) -> list[float]:
+        self.ddp.eval()
+        with torch.no_grad():
+            losses = [self._loss(corpus.batch(0, i, self.dp_rank, self.cfg.training.micro_batch_size, split="val")).item()
+                      for i in range(self.cfg.training.eval_batches)]
+        self.ddp.train()
+        return losses
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _sharded(self, loading: bool) -> dict:
+        msd = self.model.sharded_state_dict()
+        return {"model": msd, "optimizer": self.optimizer.sharded_state_dict(msd, is_loading=loading)}
+
+    def save(self, directory: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save({**self._sharded(False), "scheduler": self.scheduler.state_dict()}, str(directory))
+
+    def load(self, directory: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load({**self._sharded(True), "scheduler": self.scheduler.state_dict()},
+                                        str(directory))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,1 @@
+"""Width-transfer sweeps: `python -m moga_dist.sweep {lr,mults,coord-check}`."""

@@ -7,7 +7,7 @@ that the optimizer resolves, so layouts stay hashable, comparable and checkpoint
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)

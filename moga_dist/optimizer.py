@@ -17,7 +17,8 @@ from .collectives import StatReducer
 from .flat import FlatSegment
 from .layout import ShardLayout
 from .plan import build_plan
-from .scaling import NORMS, ROLES, stat_exponent, update_scales
+from .hparams import check_hparams
+from .scaling import stat_exponent, update_scales
 
 _DECAYED_ROLES = ("hidden", "embedding", "head")
 _STATIC_KEYS = ("role", "norm", "p", "q", "hidden_mult", "embedding_mult", "head_mult", "vector_mult",
@@ -26,33 +27,6 @@ _STATIC_KEYS = ("role", "norm", "p", "q", "hidden_mult", "embedding_mult", "head
 
 class NonFiniteGradientError(ValueError):
     """A gradient held NaN or Inf; the step was refused and no parameter was written."""
-
-
-def _check_hparams(h: Mapping, where: str) -> None:
-    def bad(key, allowed):
-        raise ValueError(f"{where}: {key}={h[key]!r} is invalid; allowed: {allowed}")
-
-    if not (isinstance(h["lr"], float | int) and h["lr"] >= 0):
-        bad("lr", "a number >= 0")
-    if not 0.0 <= h["momentum"] < 1.0:
-        bad("momentum", "0 <= momentum < 1")
-    if h["weight_decay"] < 0:
-        bad("weight_decay", ">= 0")
-    if h["norm"] not in NORMS:
-        bad("norm", list(NORMS))
-    if not (h["p"] >= 1.0 and math.isfinite(h["p"])):
-        bad("p", "1 <= p < inf")
-    if not (h["q"] > 1.0 and math.isfinite(h["q"])):
-        bad("q", "1 < q < inf")
-    if not h["eps"] > 0:
-        bad("eps", "> 0")
-    if h["lookahead"] is not None and not 0.0 <= h["lookahead"] < 1.0:
-        bad("lookahead", "None or 0 <= lookahead < 1")
-    for key in ("hidden_mult", "embedding_mult", "head_mult", "vector_mult"):
-        if not h[key] >= 0:
-            bad(key, ">= 0")
-    if h.get("role") is not None and h["role"] not in ROLES:
-        bad("role", list(ROLES))
 
 
 class MOGA(torch.optim.Optimizer):
@@ -103,10 +77,10 @@ class MOGA(torch.optim.Optimizer):
                         hidden_mult=hidden_mult, embedding_mult=embedding_mult, head_mult=head_mult,
                         vector_mult=vector_mult, head_width_scale=head_width_scale,
                         base_width=base_width, eps=eps, lookahead=lookahead, role=None)
-        _check_hparams(defaults, "MOGA")
+        check_hparams(defaults, "MOGA")
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
-            _check_hparams(group, f"MOGA param group {i}")
+            check_hparams(group, f"MOGA param group {i}")
         self._layouts: dict[int, ShardLayout] = {}
         self._flat: dict[int, tuple[list[FlatSegment], float]] = {}
         self._param_options: dict[int, dict] = {}
@@ -125,6 +99,7 @@ class MOGA(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         """torch.optim's add_param_group, remembering which tensors MOGA was given."""
         super().add_param_group(param_group)
+        self._names = None
         if not hasattr(self, "_known"):
             self._known: set[int] = set()
         self._known.update(id(p) for p in self.param_groups[-1]["params"])
@@ -135,9 +110,10 @@ class MOGA(torch.optim.Optimizer):
         for i, group in enumerate(groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            _check_hparams(group, f"MOGA param group {i}")
+            check_hparams(group, f"MOGA param group {i}")
             group["params"] = list(group["params"])
         self.param_groups = groups
+        self._names = None
         self._known.update(id(p) for g in groups for p in g["params"])
         self._static_cache.clear()
 
@@ -159,7 +135,7 @@ class MOGA(torch.optim.Optimizer):
         param groups mix roles (Megatron groups by weight-decay and lr multipliers)."""
         for tensor, opts in options.items():
             self._check_member(tensor)
-            _check_hparams({**self.defaults, **opts}, f"options of {self._name(tensor)}")
+            check_hparams({**self.defaults, **opts}, f"options of {self._name(tensor)}")
             self._param_options[id(tensor)] = dict(opts)
         self._static_cache.clear()
 
@@ -196,7 +172,7 @@ class MOGA(torch.optim.Optimizer):
             if seg.start < 0 or seg.start + seg.numel > buffer.numel():
                 raise ValueError(f"segment {seg.name!r} [{seg.start}, {seg.start + seg.numel}) lies outside "
                                  f"the buffer of {buffer.numel()} elements")
-            _check_hparams({**self.defaults, **seg.options}, f"segment {seg.name!r}")
+            check_hparams({**self.defaults, **seg.options}, f"segment {seg.name!r}")
             self._check_groups(seg.layout)
         self._flat[id(buffer)] = (list(segments), float(base_lr))
         self._known.add(id(buffer))
@@ -217,11 +193,13 @@ class MOGA(torch.optim.Optimizer):
         return self._layouts.get(id(param)) or ShardLayout(tuple(param.shape))
 
     def _name(self, param: torch.Tensor) -> str:
-        for g in self.param_groups:
-            for i, p in enumerate(g["params"]):
-                if p is param and "param_names" in g:
-                    return f"parameter {g['param_names'][i]!r}"
-        return f"parameter of shape {tuple(param.shape)}"
+        """How errors name a parameter (its param_names entry when given). Cached per group layout:
+        the step asks for every parameter, and a scan per call would be quadratic."""
+        key = (id(self.param_groups), len(self.param_groups))   # engines may swap the groups wholesale
+        if self._names is None or self._names[0] != key:
+            self._names = (key, {id(p): f"parameter {g['param_names'][i]!r}" for g in self.param_groups
+                                 if "param_names" in g for i, p in enumerate(g["params"])})
+        return self._names[1].get(id(param)) or f"parameter of shape {tuple(param.shape)}"
 
     def role_of(self, options: Mapping, layout: ShardLayout) -> str:
         """The role in `options`, or by default hidden for a 2-D global shape, vector otherwise."""

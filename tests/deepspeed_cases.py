@@ -1,5 +1,4 @@
 """Workers for the DeepSpeed tests: k engine steps vs single-process MOGA on the same global batch."""
-import os
 import tempfile
 
 import torch

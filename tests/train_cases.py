@@ -1,5 +1,4 @@
 """Workers for the training-job tests (2 gloo ranks, a tiny LLaMA, a few steps)."""
-import os
 from pathlib import Path
 
 from moga_dist.train.config import load

@@ -3,10 +3,7 @@
 Under a width-transferable parametrization these curves stay flat as width grows (µP's test)."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from ..train.data import ByteCorpus
 from .runs import RunSpec, build_model, build_optimizer

@@ -186,3 +186,51 @@ def _init_state(opt: MOGA, config=None) -> None:
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 state["step"] = 0
+
+
+class _RegistryMOGA(MOGA):
+    """MOGA as megatron-core 0.17+'s emerging-optimizer registry builds it: from Megatron's param
+    groups plus the metadata config_to_kwargs reads off the model (fp32 params: the registry path
+    wraps it in FP32Optimizer, or the layer-wise optimizer, which owns whole parameters)."""
+
+    def __init__(self, param_groups, param_info: dict, tp_group, settings: Mapping):
+        groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in param_groups]
+        super().__init__([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups={"tp": tp_group})
+        self.adopt_param_groups(groups)
+        params = [p for g in self.param_groups for p in g["params"]]
+        missing = [tuple(p.shape) for p in params if id(p) not in param_info]
+        if missing:
+            raise ValueError(f"MOGA got tensors that are not the model's parameters (shapes {missing[:3]}): the "
+                             "registry path supports fp32 params; use moga_dist.megatron.get_megatron_optimizer "
+                             "for mixed precision and the distributed optimizer")
+        self.set_layouts({p: param_info[id(p)].layout for p in params})
+        self.set_param_options({p: {"role": param_info[id(p)].role} for p in params})
+        self.set_global_order({p: param_info[id(p)].key for p in params})
+        self.save_layouts = False
+
+
+def register(name: str = "moga", settings: Mapping | None = None) -> bool:
+    """Register MOGA under `name` in megatron-core 0.17+'s emerging-optimizer registry, so that
+    Megatron's own get_megatron_optimizer accepts OptimizerConfig(optimizer="moga") (for every
+    parameter: MOGA has its own rules for embeddings, head and vectors). Returns False where the
+    registry does not exist (0.16: use moga_dist.megatron.get_megatron_optimizer)."""
+    try:
+        import megatron.core.optimizer as mopt
+        from megatron.core.optimizer.emerging_optimizers import EmergingOptimizerEntry, _EMERGING_OPTIMIZERS
+    except ImportError:
+        return False
+    # The gate only checks for the emerging-optimizers package, which MOGA does not use.
+    mopt.HAVE_EMERGING_OPTIMIZERS = True
+    fixed = dict(settings or {})
+
+    def config_to_kwargs(config, model_chunks, pg_collection):
+        tp_group = pg_collection.tp
+        info = describe_params(model_chunks, torch.distributed.get_rank(tp_group),
+                               torch.distributed.get_world_size(tp_group))
+        # Megatron's groups carry no lr/weight decay of their own here: Adam would get them as arguments.
+        return {"param_info": info, "tp_group": tp_group,
+                "settings": {**fixed, "lr": config.lr, "weight_decay": config.weight_decay}}
+
+    _EMERGING_OPTIMIZERS[name] = EmergingOptimizerEntry(optimizer_cls=_RegistryMOGA, init_state_fn=_init_state,
+                                                        config_to_kwargs=config_to_kwargs, default_param_overrides={})
+    return True

@@ -33,7 +33,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     from megatron.core.transformer import TransformerConfig
 
     import megatron_support
-    from moga_dist.megatron import get_megatron_optimizer
+    import moga_dist.megatron as moga_megatron
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -51,7 +51,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
                      share_embeddings_and_output_weights=False)
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0,
+    opt = moga_megatron.get_megatron_optimizer(OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0,
                                                  use_distributed_optimizer=distributed_optimizer),
                                  [ddp], moga={**MOGA_SETTINGS, "norm": norm})
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -187,3 +187,25 @@ def megatron_job(rank, world, base):
     want, got = weights(straight), weights(resumed)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def registry(rank, world, path):
+    """megatron-core 0.17+: Megatron's own get_megatron_optimizer with optimizer='moga' registered."""
+    import megatron_support
+    from megatron.core import optimizer as mopt
+
+    from moga_dist.megatron import register
+
+    megatron_support.enable_cuda_to_cpu()
+    assert register(settings=MOGA_SETTINGS | {"norm": "col"})
+    import moga_dist.megatron as mm
+    original = mm.get_megatron_optimizer
+    mm.get_megatron_optimizer = lambda config, chunks, moga=None: mopt.get_megatron_optimizer(config, chunks)
+    try:
+        full, opt = train(2, False, "col")
+    finally:
+        mm.get_megatron_optimizer = original
+    want = torch.load(path, weights_only=True)["col"]
+    for name, w in want.items():
+        err = (full[name] - w).abs().max().item() / w.abs().max().item()
+        assert err <= 1e-6, (name, err)

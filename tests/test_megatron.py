@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
-from megatron_cases import megatron_job, reference, resume_at_tp1, save_at_tp2, sharded  # noqa: E402
+from megatron_cases import megatron_job, reference, registry, resume_at_tp1, save_at_tp2, sharded  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +43,13 @@ def test_megatron_job_refuses_the_distributed_optimizer_until_it_can_checkpoint_
 
     with pytest.raises(ValueError, match="zero_stage=1 with parallel.engine='megatron'"):
         MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=1"]))
+
+
+@pytest.mark.distributed
+def test_megatron_registry_of_0_17_takes_optimizer_moga(megatron_reference):
+    import megatron.core
+    from packaging.version import Version
+
+    if Version(megatron.core.__version__) < Version("0.17"):
+        pytest.skip(f"megatron-core {megatron.core.__version__} has no emerging-optimizer registry (0.17+)")
+    spawn(2, registry, megatron_reference)

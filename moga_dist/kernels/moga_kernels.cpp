@@ -166,17 +166,59 @@ void rows_ab(at::TensorList p, at::TensorList m, at::TensorList g, at::ArrayRef<
   TORCH_CHECK(p.size() == m.size() && m.size() == g.size() && m.size() == offsets.size(), "rows_ab: list sizes differ");
   for (size_t k = 0; k < m.size(); ++k) { check(p[k], "p"); check(m[k], "m"); check(g[k], "g"); }
   float* sp = stats.data_ptr<float>();
-  for_all_rows(row_prefix(m), mean_cols(m), [&](size_t k, int64_t i) {
-    const int64_t cols = m[k].size(1);
-    float* mr = m[k].data_ptr<float>() + i * cols;
-    float* pr = p[k].data_ptr<float>() + i * cols;
-    const float acc = lerp_row_sumsq(mr, g[k].data_ptr<float>() + i * cols, static_cast<float>(w[k]), cols);
-    sp[offsets[k] + i] = acc;
-    if (!std::isfinite(acc)) return;
-    const float s = static_cast<float>(alpha[k] * inv_norm(acc, eps));
-    const float d = static_cast<float>(decay[k]);
+  const auto prefix = row_prefix(m);
+  // Software pipeline over each worker's rows: the loop that writes p for row r-1 (whose norm is now
+  // known) also updates m for row r, so five streams (g, m, p in; m, p out) are in flight at once, as
+  // in fused AdamW, instead of alternating between two short ones. A row whose norm is not finite
+  // never gets its p written, so the caller can refuse the step.
+  at::parallel_for(0, prefix.back(), grain_rows(mean_cols(m)), [&](int64_t b, int64_t e) {
+    size_t k = std::upper_bound(prefix.begin(), prefix.end(), b) - prefix.begin() - 1;
+    size_t prev_k = 0;
+    int64_t prev_i = -1;
+    float prev_s = 0.f, prev_d = 1.f;
+    bool prev_ok = false;
+    auto finish_prev = [&]() {               // p update of the previous row alone
+      if (prev_i < 0 || !prev_ok) return;
+      const int64_t cols = m[prev_k].size(1);
+      float* pr = p[prev_k].data_ptr<float>() + prev_i * cols;
+      const float* mr = m[prev_k].data_ptr<float>() + prev_i * cols;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) pr[j] = pr[j] * d - s * mr[j];
+      for (int64_t j = 0; j < cols; ++j) pr[j] = pr[j] * prev_d - prev_s * mr[j];
+    };
+    for (int64_t r = b; r < e; ++r) {
+      while (r >= prefix[k + 1]) ++k;
+      const int64_t i = r - prefix[k], cols = m[k].size(1);
+      float* mr = m[k].data_ptr<float>() + i * cols;
+      const float* gr = g[k].data_ptr<float>() + i * cols;
+      const float wf = static_cast<float>(w[k]);
+      if (prev_i >= 0 && prev_ok && m[prev_k].size(1) == cols) {
+        float* pq = p[prev_k].data_ptr<float>() + prev_i * cols;
+        const float* mq = m[prev_k].data_ptr<float>() + prev_i * cols;
+        const float ps = prev_s, pd = prev_d;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+          pq[j] = pq[j] * pd - ps * mq[j];
+          mr[j] = mr[j] + wf * (gr[j] - mr[j]);
+        }
+      } else {
+        finish_prev();
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) mr[j] = mr[j] + wf * (gr[j] - mr[j]);
+      }
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t j = 0;
+      for (; j + 8 <= cols; j += 8)
+        for (int q = 0; q < 8; ++q) acc[q] += mr[j + q] * mr[j + q];
+      float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      for (; j < cols; ++j) total += mr[j] * mr[j];
+      sp[offsets[k] + i] = total;
+      prev_k = k;
+      prev_i = i;
+      prev_ok = std::isfinite(total);
+      prev_s = prev_ok ? static_cast<float>(alpha[k] * inv_norm(total, eps)) : 0.f;
+      prev_d = static_cast<float>(decay[k]);
+    }
+    finish_prev();
   });
 }
 

@@ -13,7 +13,7 @@ from .runs import OPTIMIZERS, RunSpec
 DEFAULT_LRS = {  # factor-2 grids around each optimizer's usual optimum, wide enough to see both sides
     "moga-row": [2 ** k * 1e-3 for k in range(1, 8)], "moga-col": [2 ** k * 1e-3 for k in range(1, 8)],
     "adamw": [2 ** k * 2.5e-4 for k in range(0, 7)], "adamw-mup": [2 ** k * 2.5e-4 for k in range(0, 7)],
-    "muon": [2 ** k * 2.5e-4 for k in range(0, 7)],
+    "muon": [2 ** k * 2.5e-4 for k in range(0, 9)],     # its optimum sits higher at small widths
 }
 FIELDS = ["key", "optimizer", "width", "lr", "hidden_mult", "embedding_mult", "head_mult", "vector_mult",
           "steps", "val_loss", "train_loss", "diverged", "curve"]
@@ -54,7 +54,7 @@ def execute(specs: list[RunSpec], csv_path: Path, jobs: int) -> list[dict]:
                        "curve": json.dumps([round(v, 4) for v in res["curve"]])}
                 writer.writerow(row)
                 fh.flush()
-                done[row["key"]] = row
+                done[row["key"]] = {k: str(v) for k, v in row.items()}    # as read back from the CSV
     return [done[s.key()] for s in specs]
 
 

@@ -28,16 +28,21 @@ inline double inv_norm(float sumsq, double eps) {
 // m_row <- m_row + w (g_row - m_row); returns sum m_row^2. Two short loops over an L1-resident row:
 // the first vectorizes like lerp, the second keeps 8 independent partial sums (no FP reassociation
 // flags needed).
-inline float lerp_row_sumsq(float* mr, const float* gr, float wf, int64_t cols) {
-#pragma omp simd
-  for (int64_t j = 0; j < cols; ++j) mr[j] = mr[j] + wf * (gr[j] - mr[j]);
+// sum of x^2 over an L1-resident row, with 8 independent partial sums (no FP reassociation flags).
+inline float row_sumsq(const float* x, int64_t cols) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t j = 0;
   for (; j + 8 <= cols; j += 8)
-    for (int k = 0; k < 8; ++k) acc[k] += mr[j + k] * mr[j + k];
+    for (int k = 0; k < 8; ++k) acc[k] += x[j + k] * x[j + k];
   float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < cols; ++j) total += mr[j] * mr[j];
+  for (; j < cols; ++j) total += x[j] * x[j];
   return total;
+}
+
+inline float lerp_row_sumsq(float* mr, const float* gr, float wf, int64_t cols) {
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) mr[j] = mr[j] + wf * (gr[j] - mr[j]);
+  return row_sumsq(mr, cols);
 }
 
 // m <- m + w (g - m); stats[col0 + j] += sum_i m[i, j]^2
@@ -205,12 +210,7 @@ void rows_ab(at::TensorList p, at::TensorList m, at::TensorList g, at::ArrayRef<
 #pragma omp simd
         for (int64_t j = 0; j < cols; ++j) mr[j] = mr[j] + wf * (gr[j] - mr[j]);
       }
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      int64_t j = 0;
-      for (; j + 8 <= cols; j += 8)
-        for (int q = 0; q < 8; ++q) acc[q] += mr[j + q] * mr[j + q];
-      float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      for (; j < cols; ++j) total += mr[j] * mr[j];
+      const float total = row_sumsq(mr, cols);
       sp[offsets[k] + i] = total;
       prev_k = k;
       prev_i = i;

@@ -11,19 +11,18 @@ import tempfile
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world, port, preset, steps, rounds, queue):
+def _worker(rank, world, port, preset, steps, rounds, base, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     from moga_dist.train.config import load
     from moga_dist.train.loop import run
 
-    base = tempfile.mkdtemp(prefix="moga_bench_") if rank == 0 else None
     import torch.distributed as dist
     results = {"moga": [], "adamw": []}
     for r in range(rounds):
         for name in ("moga", "adamw"):
             common = [f"training.steps={steps}", "training.eval_every=1000000", "checkpoint.every=1000000",
-                      f"optimizer.name={name}", f"output_dir='{base or 'unused'}/{name}{r}'"]
+                      f"optimizer.name={name}", f"output_dir='{base}/{name}{r}'"]
             summary = run(load(preset, common))
             results[name].append(summary["tokens_per_s"])
             if dist.is_initialized():
@@ -44,8 +43,10 @@ def main(argv=None) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(args.nproc, port, args.config, args.steps, args.rounds, queue),
-                       nprocs=args.nproc, join=True, start_method="spawn")
+    # One scratch directory for every rank: ZeRO writes per-rank files into the same checkpoint.
+    with tempfile.TemporaryDirectory(prefix="moga_bench_") as base:
+        mp.start_processes(_worker, args=(args.nproc, port, args.config, args.steps, args.rounds, base, queue),
+                           nprocs=args.nproc, join=True, start_method="spawn")
     res = queue.get()
     moga, adamw = statistics.median(res["moga"]), statistics.median(res["adamw"])
     print(f"rounds: moga {[round(x) for x in res['moga']]} adamw {[round(x) for x in res['adamw']]} tokens/s")

@@ -182,10 +182,7 @@ def _init_state(opt: MOGA, config=None) -> None:
     """Create MOGA's state for every tensor (Megatron calls this before loading checkpoints)."""
     for group in opt.param_groups:
         for p in group["params"]:
-            state = opt.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                state["step"] = 0
+            opt.init_state(p)
 
 
 class _RegistryMOGA(MOGA):

@@ -267,10 +267,7 @@ class MOGA(torch.optim.Optimizer):
         pieces, stepped = [], set()
         for owner, span, options, layout, key, name in self._units():
             role, plan, scales, exponent = self._static(options, layout, key, name)
-            state = self.state[owner]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros(owner.shape, dtype=torch.float32, device=owner.device)
-                state["step"] = 0
+            state = self.init_state(owner)
             if id(owner) not in stepped:
                 stepped.add(id(owner))
                 state["step"] += 1
@@ -284,6 +281,14 @@ class MOGA(torch.optim.Optimizer):
                                           lr=options["lr"], scales=scales, decay=decay, eps=options["eps"],
                                           name=name)))
         return pieces
+
+    def init_state(self, tensor: torch.Tensor) -> dict:
+        """The tensor's state, created if missing: fp32 `momentum_buffer` of its shape and `step` 0."""
+        state = self.state[tensor]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+            state["step"] = 0
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -19,13 +19,14 @@ from .plan import Plan
 class Piece:
     """One rank-local tensor to update.
 
-    param: local data, any float dtype, numel N (flat view is used); grad: same numel;
-    momentum: fp32, numel N; plan: reduction plan (None for sign-updated roles);
-    exponent: r of the partial sums; scales: lr multipliers per block; decay: 1 - lr*wd.
+    param: local data, any float dtype, numel N (flat view is used); grad: same numel (a step
+    binds it and releases it to None afterwards); momentum: fp32, numel N; plan: reduction plan
+    (None for sign-updated roles); exponent: r of the partial sums; scales: lr multipliers per
+    block; lr and decay (1 - lr*wd): refreshed every step.
     """
 
     param: torch.Tensor
-    grad: torch.Tensor
+    grad: torch.Tensor | None
     momentum: torch.Tensor
     plan: Plan | None
     exponent: float
@@ -48,7 +49,7 @@ class Piece:
                                                                 and not self.plan.group_slots))
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
@@ -65,7 +66,7 @@ def stats_size(piece: Piece) -> int:
 def phase_a(piece: Piece, stats: torch.Tensor) -> None:
     """Update the momentum in place and write fp32 partial sums into the zeroed `stats`
     [stats_size(piece)] (sign roles: the ℓ1 norm of the direction, to detect non-finite grads)."""
-    m, g = _flat(piece.momentum), _flat(piece.grad)
+    m, g = flat_view(piece.momentum), flat_view(piece.grad)
     w = 1.0 - piece.beta
     if piece.lookahead is not None:
         # Lookahead (Alg. 1's β2) blends the *old* buffer with g, so it is taken before the update.
@@ -104,8 +105,8 @@ def _direction(u: torch.Tensor, exponent: float) -> torch.Tensor:
 def phase_b(piece: Piece, inv: torch.Tensor) -> None:
     """Apply p <- p*decay - lr*scale*D with D = u * inv (inv from inverse_denominators of the
     summed statistics, [stats_size(piece)]), or D = sign(u) for sign roles."""
-    p = _flat(piece.param)
-    u = _flat(direction_source(piece))
+    p = flat_view(piece.param)
+    u = flat_view(direction_source(piece))
     plan = piece.plan
     if plan is None:
         alpha = piece.lr * piece.scales[0]
@@ -135,7 +136,7 @@ def undo_momentum(piece: Piece) -> None:
     Exact up to rounding where the gradient was finite; entries whose gradient was not finite
     cannot be recovered and are reset to zero.
     """
-    m, g = _flat(piece.momentum), _flat(piece.grad).float()
+    m, g = flat_view(piece.momentum), flat_view(piece.grad).float()
     if piece.beta == 0.0:
         m.zero_()
         return
@@ -144,83 +145,12 @@ def undo_momentum(piece: Piece) -> None:
     m.masked_fill_(~finite, 0.0)
 
 
-def _run_view(t: torch.Tensor, run) -> torch.Tensor:
+def run_view(t: torch.Tensor, run) -> torch.Tensor:
     """The [nrows, ncols] block of `t` that `run` names (t itself when it already is that block)."""
     if run.offset == 0 and t.dim() == 2 and t.shape[0] == run.nrows and t.shape[1] == run.ncols:
         return t
     n = run.nrows * run.ncols
-    return _flat(t)[run.offset:run.offset + n].view(run.nrows, run.ncols)
-
-
-def phase_a_all(pieces: list[Piece], arena: torch.Tensor, offsets: list[int], fused: bool = True) -> None:
-    """phase_a for every piece; piece k writes arena[offsets[k] : offsets[k] + stats_size].
-
-    Kernel-eligible pieces go to the fused CPU kernels, one batched call per (kind, eps). Pieces
-    whose statistics are all local (`one_pass`) are also *updated* here, in one pass; phase_b_all
-    then skips them."""
-    batches: dict[tuple, dict[str, list]] = {}
-    for piece, off in zip(pieces, offsets):
-        if not (fused and piece.kernel):
-            phase_a(piece, arena[off:off + stats_size(piece)])
-            continue
-        b = batches.setdefault(_kind(piece), {k: [] for k in ("p", "m", "g", "w", "off", "decay", "alpha")})
-        for p2, m2, g2, stat_off, alpha in _runs_of(piece, off):
-            b["p"].append(p2)
-            b["m"].append(m2)
-            b["g"].append(g2)
-            b["w"].append(1.0 - piece.beta)
-            b["off"].append(stat_off)
-            b["decay"].append(piece.decay)
-            b["alpha"].append(alpha)
-    op = kernels.ops()
-    for (kind, eps), b in batches.items():
-        if kind == "sign":
-            op.sign_ab(b["p"], b["m"], b["g"], b["w"], arena, b["off"], b["decay"], b["alpha"])
-        elif kind == "rows_local":
-            op.rows_ab(b["p"], b["m"], b["g"], b["w"], arena, b["off"], b["decay"], b["alpha"], eps)
-        else:
-            getattr(op, f"{kind}_a")(b["m"], b["g"], b["w"], arena, b["off"])
-
-
-def phase_b_all(pieces: list[Piece], arena: torch.Tensor, offsets: list[int], fused: bool = True) -> None:
-    """phase_b for every piece not already updated by phase_a_all, from the summed statistics."""
-    batches: dict[tuple, dict[str, list]] = {}
-    for piece, off in zip(pieces, offsets):
-        if not (fused and piece.kernel):
-            stats = arena[off:off + stats_size(piece)]
-            phase_b(piece, stats if piece.plan is None else inverse_denominators(stats, piece.exponent, piece.eps))
-            continue
-        if piece.one_pass:
-            continue
-        b = batches.setdefault(_kind(piece), {k: [] for k in ("p", "m", "off", "decay", "alpha")})
-        for p2, m2, _, stat_off, alpha in _runs_of(piece, off):
-            b["p"].append(p2)
-            b["m"].append(m2)
-            b["off"].append(stat_off)
-            b["decay"].append(piece.decay)
-            b["alpha"].append(alpha)
-    op = kernels.ops()
-    for (kind, eps), b in batches.items():
-        getattr(op, f"{kind}_b")(b["p"], b["m"], arena, b["off"], b["decay"], b["alpha"], eps)
-
-
-def _kind(piece: Piece) -> tuple[str, float]:
-    if piece.plan is None:
-        return "sign", piece.eps
-    if piece.one_pass:
-        return "rows_local", piece.eps
-    return f"{piece.plan.axis}s", piece.eps
-
-
-def _runs_of(piece: Piece, off: int):
-    """(param, momentum, grad) blocks of each run, the run's offset in the arena, and its alpha."""
-    if piece.plan is None:
-        yield _flat(piece.param), _flat(piece.momentum), _flat(piece.grad), off, piece.lr * piece.scales[0]
-        return
-    for run in piece.plan.runs:
-        alpha = piece.lr * piece.scales[run.block if len(piece.scales) > 1 else 0]
-        yield (_run_view(piece.param, run), _run_view(piece.momentum, run), _run_view(piece.grad, run),
-               off + run.stat_start, alpha)
+    return flat_view(t)[run.offset:run.offset + n].view(run.nrows, run.ncols)
 
 
 def undo_one_pass(piece: Piece, stats: torch.Tensor) -> None:
@@ -229,11 +159,11 @@ def undo_one_pass(piece: Piece, stats: torch.Tensor) -> None:
     Inverts p_new = p*decay - alpha*D row by row (exact up to rounding); rows the kernel skipped
     because their norm was not finite were never written."""
     if piece.plan is None:
-        sign = torch.nan_to_num(_flat(piece.momentum).sign(), nan=0.0)
-        _flat(piece.param).add_(sign, alpha=piece.lr * piece.scales[0]).div_(piece.decay)
+        sign = torch.nan_to_num(flat_view(piece.momentum).sign(), nan=0.0)
+        flat_view(piece.param).add_(sign, alpha=piece.lr * piece.scales[0]).div_(piece.decay)
         return
     for run in piece.plan.runs:
-        p2, m2 = _run_view(piece.param, run), _run_view(piece.momentum, run)
+        p2, m2 = run_view(piece.param, run), run_view(piece.momentum, run)
         acc = stats[run.stat_start:run.stat_start + run.nrows]
         finite = torch.isfinite(acc)
         scale = torch.where(finite, inverse_denominators(acc, 2.0, piece.eps), torch.zeros_like(acc))

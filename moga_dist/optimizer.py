@@ -17,19 +17,22 @@ from .collectives import StatReducer
 from .flat import FlatSegment
 from .layout import ShardLayout
 from .plan import build_plan
+from .registry import TensorRegistry
+from .program import StepProgram
 from .hparams import check_hparams
 from .scaling import stat_exponent, update_scales
 
 _DECAYED_ROLES = ("hidden", "embedding", "head")
 _STATIC_KEYS = ("role", "norm", "p", "q", "hidden_mult", "embedding_mult", "head_mult", "vector_mult",
                 "head_width_scale", "base_width")
+_PROGRAM_KEYS = _STATIC_KEYS + ("momentum", "lookahead", "eps")
 
 
 class NonFiniteGradientError(ValueError):
     """A gradient held NaN or Inf; the step was refused and no parameter was written."""
 
 
-class MOGA(torch.optim.Optimizer):
+class MOGA(TensorRegistry, torch.optim.Optimizer):
     r"""MOGA (Xu, Li, Lu 2026), distributed-exact.
 
     For every parameter with gradient g and fp32 momentum m (state ``momentum_buffer``)::
@@ -93,123 +96,14 @@ class MOGA(torch.optim.Optimizer):
         # Engines whose checkpoints reshard state per parameter (Megatron dist_checkpointing) turn it off.
         self.save_layouts = True
         self._static_cache: dict[tuple, tuple] = {}
+        self._step_program: StepProgram | None = None
         self.set_layouts(layouts or {})
-
-    # ----- layouts ---------------------------------------------------------------------------
-    def add_param_group(self, param_group):
-        """torch.optim's add_param_group, remembering which tensors MOGA was given."""
-        super().add_param_group(param_group)
-        self._names = None
-        if not hasattr(self, "_known"):
-            self._known: set[int] = set()
-        self._known.update(id(p) for p in self.param_groups[-1]["params"])
-
-    def adopt_param_groups(self, groups: list[dict]) -> None:
-        """Replace the param groups with engine-owned tensors, which may be views of a buffer
-        (non-leaf, so torch's add_param_group would refuse them); missing settings take defaults."""
-        for i, group in enumerate(groups):
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            check_hparams(group, f"MOGA param group {i}")
-            group["params"] = list(group["params"])
-        self.param_groups = groups
-        self._names = None
-        self._known.update(id(p) for g in groups for p in g["params"])
-        self._static_cache.clear()
-
-    def set_layouts(self, layouts: Mapping) -> None:
-        """Attach (or replace) shard layouts: {param tensor: ShardLayout}."""
-        for param, layout in layouts.items():
-            self._check_member(param)
-            if not isinstance(layout, ShardLayout):
-                raise ValueError(f"layouts values must be ShardLayout, got {type(layout).__name__}")
-            if param.numel() != layout.local_numel:
-                raise ValueError(f"{self._name(param)}: local numel {param.numel()} does not match its "
-                                 f"layout ({layout.local_numel} elements of global {layout.global_shape})")
-            self._layouts[id(param)] = layout
-            self._check_groups(layout)
-        self._static_cache.clear()
-
-    def set_param_options(self, options: Mapping) -> None:
-        """Per-tensor settings over its group's, e.g. {tensor: {"role": "embedding"}} for engines whose
-        param groups mix roles (Megatron groups by weight-decay and lr multipliers)."""
-        for tensor, opts in options.items():
-            self._check_member(tensor)
-            check_hparams({**self.defaults, **opts}, f"options of {self._name(tensor)}")
-            self._param_options[id(tensor)] = dict(opts)
-        self._static_cache.clear()
-
-    def set_global_order(self, order: Mapping, ghosts: list[tuple] = ()) -> None:
-        """Make the reduction order independent of which tensors this rank holds.
-
-        order: {tensor: key}, keys comparable and equal across ranks for the same parameter.
-        ghosts: (key, ShardLayout, options) for parameters of which this rank holds nothing but whose
-        statistics other ranks share (Megatron's distributed optimizer drops such parameters from
-        a rank's param groups); they contribute zeros so every rank packs the same buffer."""
-        for tensor, key in order.items():
-            self._check_member(tensor)
-            self._order[id(tensor)] = key
-        self._ghosts = []
-        for key, layout, options in ghosts:
-            if layout.local_numel != 0:
-                raise ValueError(f"ghost {key!r} must hold nothing locally, its layout holds {layout.local_numel}")
-            role = self.role_of(options, layout)
-            if role in ("hidden", "head"):
-                axis = {**self.defaults, **options}["norm"] if role == "hidden" else "row"
-                plan = build_plan(layout, axis)
-                if plan.group_slots:
-                    self._ghosts.append((key, plan))
-
-    def register_flat_buffer(self, buffer: torch.Tensor, segments: list[FlatSegment], base_lr: float) -> None:
-        """Declare `buffer` (a 1-D tensor in a param group) as segments of parameters.
-
-        Each segment is updated as its own parameter with its own layout and options; its lr is
-        options["lr"] * group["lr"] / base_lr, so a schedule on the buffer's group applies."""
-        self._check_member(buffer)
-        if buffer.dim() != 1:
-            raise ValueError(f"a flat buffer must be 1-D, got shape {tuple(buffer.shape)}")
-        for seg in segments:
-            if seg.start < 0 or seg.start + seg.numel > buffer.numel():
-                raise ValueError(f"segment {seg.name!r} [{seg.start}, {seg.start + seg.numel}) lies outside "
-                                 f"the buffer of {buffer.numel()} elements")
-            check_hparams({**self.defaults, **seg.options}, f"segment {seg.name!r}")
-            self._check_groups(seg.layout)
-        self._flat[id(buffer)] = (list(segments), float(base_lr))
-        self._known.add(id(buffer))
-        self._static_cache.clear()
-
-    def _check_member(self, tensor: torch.Tensor) -> None:
-        if not any(p is tensor for g in self.param_groups for p in g["params"]):
-            raise ValueError(f"a tensor of shape {tuple(tensor.shape)} is not in this optimizer's param groups")
-
-    def _check_groups(self, layout: ShardLayout) -> None:
-        if layout.tp is not None and layout.tp.world_size > 1:
-            self.reducer.check_group(layout.tp.group, layout.tp.world_size)
-        if layout.flat is not None and len(layout.flat.ranges) > 1:
-            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges))
-
-    def layout_of(self, param: torch.Tensor) -> ShardLayout:
-        """The parameter's layout (a whole tensor unless one was given)."""
-        return self._layouts.get(id(param)) or ShardLayout(tuple(param.shape))
-
-    def _name(self, param: torch.Tensor) -> str:
-        """How errors name a parameter (its param_names entry when given). Cached per group layout:
-        the step asks for every parameter, and a scan per call would be quadratic."""
-        key = (id(self.param_groups), len(self.param_groups))   # engines may swap the groups wholesale
-        if self._names is None or self._names[0] != key:
-            self._names = (key, {id(p): f"parameter {g['param_names'][i]!r}" for g in self.param_groups
-                                 if "param_names" in g for i, p in enumerate(g["params"])})
-        return self._names[1].get(id(param)) or f"parameter of shape {tuple(param.shape)}"
-
-    def role_of(self, options: Mapping, layout: ShardLayout) -> str:
-        """The role in `options`, or by default hidden for a 2-D global shape, vector otherwise."""
-        if options.get("role"):
-            return options["role"]
-        return "hidden" if layout.global_matrix_shape is not None else "vector"
 
     # ----- step ------------------------------------------------------------------------------
     def _units(self):
-        """(owner tensor, slice of it or None, options, layout, cache key, name) for every unit."""
+        """(owner tensor, span (start, numel) of it or None, options, layout, cache key, name, rate
+        source) for every unit with a gradient. The rate source (group, overrides, flat lr) is what
+        lr and weight decay are re-read from each step."""
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -218,16 +112,18 @@ class MOGA(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(param)}: sparse gradients are not supported")
                 flat = self._flat.get(id(param))
                 if flat is None:
-                    options = {**group, **self._param_options[id(param)]} if id(param) in self._param_options else group
+                    override = self._param_options.get(id(param), {})
+                    options = {**group, **override} if override else group
                     self._refuse_foreign(options, param)
-                    yield param, None, options, self.layout_of(param), (id(param), -1), self._name(param)
+                    yield (param, None, options, self.layout_of(param), (id(param), -1), self._name(param),
+                           (group, override, None))
                     continue
                 segments, base_lr = flat
                 for k, seg in enumerate(segments):
                     options = {**group, **seg.options}
                     options["lr"] = seg.options.get("lr", base_lr) * group["lr"] / base_lr
                     yield (param, (seg.start, seg.numel), options, seg.layout, (id(param), k),
-                           f"parameter {seg.name!r}")
+                           f"parameter {seg.name!r}", (group, seg.options, (seg.options.get("lr", base_lr), base_lr)))
 
     def _refuse_foreign(self, group: Mapping, param: torch.Tensor) -> None:
         # An engine that swapped MOGA's parameters for flat 1-D partitions (DeepSpeed ZeRO >= 1)
@@ -263,24 +159,64 @@ class MOGA(torch.optim.Optimizer):
         self._static_cache[key] = (sig, static)
         return static
 
-    def _pieces(self) -> list[tuple[torch.Tensor, F.Piece]]:
-        pieces, stepped = [], set()
-        for owner, span, options, layout, key, name in self._units():
+    def _signature(self) -> tuple:
+        """Everything a StepProgram depends on besides lr and weight decay: which tensors (and
+        their storage, dtype, contiguity) have gradients, their momentum buffers, and the
+        per-group settings. Cheap: one tuple per parameter."""
+        sig: list = [self._epoch]
+        state = self.state
+        for group in self.param_groups:
+            sig.append(tuple(group.get(k) for k in _PROGRAM_KEYS))
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    sig.append(None)
+                    continue
+                st = state.get(p)
+                mom = st.get("momentum_buffer") if st else None
+                sig.append((id(p), p.data_ptr(), id(mom), g.dtype, g.is_contiguous()))
+        return tuple(sig)
+
+    def _invalidate(self) -> None:
+        """Settings, layouts or state changed: rebuild the step program (and per-unit data)."""
+        self._static_cache.clear()
+        self._epoch += 1
+
+    def _build_program(self) -> StepProgram:
+        owned, rates = [], []
+        for owner, span, options, layout, key, name, rate in self._units():
             role, plan, scales, exponent = self._static(options, layout, key, name)
-            state = self.init_state(owner)
-            if id(owner) not in stepped:
-                stepped.add(id(owner))
-                state["step"] += 1
-            data, grad, mom = owner.data, owner.grad, state["momentum_buffer"]
+            mom = self.init_state(owner)["momentum_buffer"]
+            data, grad = owner.data, owner.grad
             if span is not None:
                 s, n = span
                 data, grad, mom = data[s:s + n], grad[s:s + n], mom[s:s + n]
-            decay = 1.0 - options["lr"] * options["weight_decay"] if role in _DECAYED_ROLES else 1.0
-            pieces.append((owner, F.Piece(param=data, grad=grad, momentum=mom, plan=plan, exponent=exponent,
-                                          beta=options["momentum"], lookahead=options["lookahead"],
-                                          lr=options["lr"], scales=scales, decay=decay, eps=options["eps"],
-                                          name=name)))
-        return pieces
+            owned.append((owner, span, F.Piece(
+                param=data, grad=grad, momentum=mom, plan=plan, exponent=exponent, beta=options["momentum"],
+                lookahead=options["lookahead"], lr=0.0, scales=scales, decay=1.0, eps=options["eps"], name=name)))
+            rates.append((role in _DECAYED_ROLES, *rate))
+        program = StepProgram(owned, self.fused)
+        program.rates = rates
+        program.states = [self.state[o] for o in program.owners]
+        return program
+
+    def _program(self) -> StepProgram:
+        """The cached step program, rebuilt when the signature changed; lr and decay refreshed."""
+        sig = self._signature()
+        program = self._step_program
+        if program is None or program.signature != sig:
+            program = self._build_program()
+            program.signature = self._signature()   # momentum buffers may have just been created
+            self._step_program = program
+        for piece, (decayed, group, override, flat) in zip(program.pieces, program.rates):
+            if flat is None:
+                lr = override.get("lr", group["lr"])
+            else:
+                lr = flat[0] * group["lr"] / flat[1]
+            piece.lr = lr
+            piece.decay = 1.0 - lr * override.get("weight_decay", group["weight_decay"]) if decayed else 1.0
+        program.bind()
+        return program
 
     def init_state(self, tensor: torch.Tensor) -> dict:
         """The tensor's state, created if missing: fp32 `momentum_buffer` of its shape and `step` 0."""
@@ -299,34 +235,42 @@ class MOGA(torch.optim.Optimizer):
                 loss = closure()
         if self._suspended:
             return loss
-        owned = self._pieces()
-        if not owned:
+        program = self._program()
+        if not program.pieces:
             return loss
-        pieces = [pc for _, pc in owned]
-        # One arena for every piece's statistics: one finiteness check for the whole step
-        # instead of a handful of tiny tensor ops per parameter.
-        sizes = [F.stats_size(pc) for pc in pieces]
-        offsets = [0]
-        for n in sizes[:-1]:
-            offsets.append(offsets[-1] + n)
-        arena = torch.zeros(sum(sizes), dtype=torch.float32, device=pieces[0].momentum.device)
-        F.phase_a_all(pieces, arena, offsets, self.fused)
-        stats = arena.split(sizes)
-        self.reducer.reduce(self._reduction_items(owned, stats))
-        # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
-        if not math.isfinite(float(arena.sum())):
-            self._refuse_non_finite(owned, stats)
-        F.phase_b_all(pieces, arena, offsets, self.fused)
+        try:
+            for state in program.states:
+                state["step"] += 1
+            program.phase_a()
+            if program.reduce_items is None:
+                program.reduce_items = self._reduction_items(program)
+            if program.reduce_items:
+                if program.ghost_stats is not None:
+                    program.ghost_stats.zero_()
+                self.reducer.reduce(program.reduce_items)
+            # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
+            if not math.isfinite(float(program.arena.sum())):
+                self._refuse_non_finite(program)
+            program.phase_b()
+        finally:
+            program.release()
         return loss
 
-    def _reduction_items(self, owned, stats) -> list:
-        # (global key, local position): a flat buffer's segments share their owner's key and keep
-        # their order within it.
+    def _reduction_items(self, program: StepProgram) -> list:
+        """(plan, stats view) pairs in an order every rank agrees on; empty when nothing is shared.
+        A flat buffer's segments share their owner's key and keep their order within it."""
         items = [((self._order.get(id(owner), i), i), pc.plan, st)
-                 for i, ((owner, pc), st) in enumerate(zip(owned, stats)) if pc.plan is not None]
+                 for i, ((owner, _, pc), st) in enumerate(zip(program.owned, program.stats))
+                 if pc.plan is not None]
+        ghosts = [plan for _, plan in self._ghosts]
+        program.ghost_stats = torch.zeros(sum(p.num_stats for p in ghosts)) if ghosts else None
+        if ghosts:
+            views = program.ghost_stats.split([p.num_stats for p in ghosts])
+            items += [((key, -1), plan, v) for (key, plan), v in zip(self._ghosts, views)]
         if self._order:
-            items += [((key, -1), plan, torch.zeros(plan.num_stats)) for key, plan in self._ghosts]
             items.sort(key=lambda item: item[0])
+        if not any(plan.group_slots for _, plan, _ in items):
+            return []
         return [(plan, st) for _, plan, st in items]
 
     @contextlib.contextmanager
@@ -339,15 +283,14 @@ class MOGA(torch.optim.Optimizer):
         finally:
             self._suspended = False
 
-    def _refuse_non_finite(self, owned: list[tuple[torch.Tensor, F.Piece]],
-                           stats: list[torch.Tensor]) -> None:
-        bad = [pc.name for (_, pc), st in zip(owned, stats) if not bool(torch.isfinite(st).all())]
-        for (_, piece), st in zip(owned, stats):
+    def _refuse_non_finite(self, program: StepProgram) -> None:
+        bad = [pc.name for pc, st in zip(program.pieces, program.stats) if not bool(torch.isfinite(st).all())]
+        for piece, st in zip(program.pieces, program.stats):
             if self.fused and piece.one_pass:
                 F.undo_one_pass(piece, st)
             F.undo_momentum(piece)
-        for owner in {id(o): o for o, _ in owned}.values():
-            self.state[owner]["step"] -= 1
+        for state in program.states:
+            state["step"] -= 1
         raise NonFiniteGradientError(
             f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; step refused: parameters and momentum "
             "were restored to their pre-step values (to float rounding; momentum entries whose gradient "
@@ -377,6 +320,7 @@ class MOGA(torch.optim.Optimizer):
         momenta = {k: v["momentum_buffer"].clone() for k, v in state_dict["state"].items()
                    if "momentum_buffer" in v}
         super().load_state_dict(state_dict)
+        self._invalidate()
         # torch casts state to the parameter dtype on load; MOGA keeps momentum in fp32.
         index = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(index, params):

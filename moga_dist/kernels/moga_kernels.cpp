@@ -40,9 +40,14 @@ inline float row_sumsq(const float* x, int64_t cols) {
 }
 
 inline float lerp_row_sumsq(float* mr, const float* gr, float wf, int64_t cols) {
-#pragma omp simd
-  for (int64_t j = 0; j < cols; ++j) mr[j] = mr[j] + wf * (gr[j] - mr[j]);
-  return row_sumsq(mr, cols);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < cols; ++j) {
+    const float v = mr[j] + wf * (gr[j] - mr[j]);
+    mr[j] = v;
+    total += v * v;
+  }
+  return total;
 }
 
 // m <- m + w (g - m); stats[col0 + j] += sum_i m[i, j]^2
@@ -196,21 +201,23 @@ void rows_ab(at::TensorList p, at::TensorList m, at::TensorList g, at::ArrayRef<
       float* mr = m[k].data_ptr<float>() + i * cols;
       const float* gr = g[k].data_ptr<float>() + i * cols;
       const float wf = static_cast<float>(w[k]);
+      float total;
       if (prev_i >= 0 && prev_ok && m[prev_k].size(1) == cols) {
         float* pq = p[prev_k].data_ptr<float>() + prev_i * cols;
         const float* mq = m[prev_k].data_ptr<float>() + prev_i * cols;
         const float ps = prev_s, pd = prev_d;
-#pragma omp simd
+        total = 0.f;
+#pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < cols; ++j) {
           pq[j] = pq[j] * pd - ps * mq[j];
-          mr[j] = mr[j] + wf * (gr[j] - mr[j]);
+          const float v = mr[j] + wf * (gr[j] - mr[j]);
+          mr[j] = v;
+          total += v * v;
         }
       } else {
         finish_prev();
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) mr[j] = mr[j] + wf * (gr[j] - mr[j]);
+        total = lerp_row_sumsq(mr, gr, wf, cols);
       }
-      const float total = row_sumsq(mr, cols);
       sp[offsets[k] + i] = total;
       prev_k = k;
       prev_i = i;

@@ -23,7 +23,19 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"moga_dist.train: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    _drain_and_shutdown()
     return 0
+
+
+def _drain_and_shutdown() -> None:
+    """Wait for every collective still in flight, then tear the process group down. Without it a
+    gloo worker can drop a finished async all-gather (DeepSpeed issues them) while the interpreter
+    shuts down, and the process aborts ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

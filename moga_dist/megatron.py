@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import megatron_distopt
 from .layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
 from .optimizer import MOGA
 
@@ -176,6 +177,8 @@ def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -
     moga.save_layouts = False
     wrapper.optimizer = moga
     wrapper.init_state_fn = _init_state
+    if distributed:
+        megatron_distopt.adopt(wrapper)
 
 
 def _init_state(opt: MOGA, config=None) -> None:

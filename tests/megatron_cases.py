@@ -142,6 +142,32 @@ def save_at_tp2(rank, world, save_dir):
     train(2, False, "col", steps=2, save_dir=save_dir)
 
 
+def save_distopt_at_dp2(rank, world, save_dir):
+    """TP=1 x DP=2 with the distributed optimizer: each rank holds half of every bucket."""
+    import megatron_support
+
+    megatron_support.enable_cuda_to_cpu()
+    _, opt = train(1, True, "col", steps=2, save_dir=save_dir)
+    assert type(opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt).__name__ \
+        == "MOGADistributedOptimizer"
+
+
+def resume_distopt_at_tp2(rank, world, load_dir, ref_path):
+    """Load the DP=2 distributed-optimizer checkpoint at TP=2 x DP=1 (distributed optimizer again),
+    take step 3: equals 3 uninterrupted TP=1 steps. Momentum must come back: without it step 3
+    would differ at O(update)."""
+    import megatron_support
+
+    megatron_support.enable_cuda_to_cpu()
+    full, opt = train(2, True, "col", steps=STEPS, start=2, load_dir=load_dir)
+    wrappers = getattr(opt, "chained_optimizers", [opt])
+    assert all(s["step"] == STEPS for w in wrappers for s in w.optimizer.state.values())
+    want = torch.load(ref_path, weights_only=True)["col"]
+    for name, w in want.items():
+        err = (full[name] - w).abs().max().item() / w.abs().max().item()
+        assert err <= 1e-6, (name, err)
+
+
 def resume_at_tp1(rank, world, load_dir, ref_path):
     """Load the TP=2 checkpoint at TP=1, take step 3: equals 3 uninterrupted TP=1 steps."""
     import megatron_support
@@ -156,8 +182,8 @@ def resume_at_tp1(rank, world, load_dir, ref_path):
         assert err <= 1e-6, (name, err)
 
 
-def megatron_job(rank, world, base):
-    """The training loop's Megatron backend at TP=2: straight 4 steps == 2 steps, stop, resume 2."""
+def megatron_job(rank, world, base, tp=2, zero_stage=0):
+    """The training loop's Megatron backend: straight 4 steps == 2 steps, stop, resume 2."""
     import megatron_support
     from megatron.core import parallel_state as ps
     from train_cases import TINY
@@ -168,17 +194,18 @@ def megatron_job(rank, world, base):
 
     megatron_support.enable_cuda_to_cpu()
     ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     megatron_support.apply_model_shims()
-    common = TINY + ["parallel.engine='megatron'", "parallel.tensor_parallel=2", "training.steps=4",
-                     "engine.zero_stage=0", "training.global_batch_size=2"]
+    common = TINY + ["parallel.engine='megatron'", f"parallel.tensor_parallel={tp}", "training.steps=4",
+                     f"engine.zero_stage={zero_stage}", f"training.global_batch_size={2 * (world // tp)}"]
 
     def weights(backend):
         return {n: gather_full(p.data, p, ps) for n, p in backend.model.named_parameters()}
 
     straight = MegatronBackend(load(None, common + [f"output_dir='{base}/straight'"]), allow_cpu=True)
     summary = run(straight.cfg, straight)
-    assert summary["layout"].startswith("Megatron TP2 x DP1") and summary["steps"] == 4
+    kind = "distributed optimizer" if zero_stage else "replicated optimizer"
+    assert summary["layout"] == f"Megatron TP{tp} x DP{world // tp}, {kind}" and summary["steps"] == 4
     first = MegatronBackend(load(None, common + [f"output_dir='{base}/split'", "training.stop_at_step=2"]),
                             allow_cpu=True)
     run(first.cfg, first)
@@ -209,3 +236,74 @@ def registry(rank, world, path):
     for name, w in want.items():
         err = (full[name] - w).abs().max().item() / w.abs().max().item()
         assert err <= 1e-6, (name, err)
+
+
+def bf16_wrapper(rank, world, tp):
+    """bf16 model, Megatron's Float16OptimizerWithFloat16Params around MOGA: one step of every fp32
+    main weight equals the float64 reference step on the whole (TP-gathered) main weight, momentum
+    and fp32 main gradient, with the role and row blocks the adapter read off the model."""
+    import megatron_support
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer import TransformerConfig
+
+    import moga_dist.megatron as moga_megatron
+    from moga_dist.reference import reference_step
+
+    megatron_support.enable_cuda_to_cpu()
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    megatron_support.apply_model_shims()
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=96, tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                            bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+                            normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                            add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+                            bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+                            persist_layer_norm=False, gradient_accumulation_fusion=False)
+    torch.manual_seed(42)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    hp = {**MOGA_SETTINGS, "norm": "col", "lr": 0.02, "weight_decay": 0.1}
+    opt = moga_megatron.get_megatron_optimizer(
+        OptimizerConfig(optimizer="moga", lr=hp["lr"], weight_decay=hp["weight_decay"], clip_grad=0.0, bf16=True,
+                        params_dtype=torch.bfloat16), [ddp], moga={k: hp[k] for k in ("momentum", "hidden_mult", "norm")})
+    wrapper = getattr(opt, "chained_optimizers", [opt])[0]
+    assert type(wrapper).__name__ == "Float16OptimizerWithFloat16Params", type(wrapper).__name__
+    info = moga_megatron.describe_params([ddp], ps.get_tensor_model_parallel_rank(), tp)
+    main_of = {id(model_p): main for main, model_p in moga_megatron._pairs(wrapper)}
+    assert any(main is not p and p.dtype == torch.bfloat16 for p in model.parameters() for main in [main_of[id(p)]])
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    pos = torch.arange(SEQ).unsqueeze(0)
+    checked = 0
+    for step in range(2):
+        tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        ddp(tokens[:, :-1], pos.expand(GLOBAL_BATCH, -1), mask, labels=tokens[:, 1:]).mean().backward()
+        finalize_model_grads([ddp])
+        before = {}
+        for n, p in model.named_parameters():
+            main = main_of[id(p)]
+            state = wrapper.optimizer.state.get(main, {})
+            mom = state.get("momentum_buffer", torch.zeros_like(main))
+            before[n] = [gather_full(t, p, ps).double() for t in (main.detach(), p.main_grad, mom)]
+        ok, _, _ = opt.step()
+        assert ok
+        for n, p in model.named_parameters():
+            meta = info[id(p)]
+            w, g, m = before[n]
+            want, _ = reference_step(w, g, m, meta.role, row_blocks=meta.layout.row_blocks, **hp)
+            got = gather_full(main_of[id(p)].detach(), p, ps).double()
+            err = ((got - w) - (want - w)).abs().max().item()
+            assert err <= 1e-5 * (want - w).abs().max().item() + 1e-7 * w.abs().max().item(), (step, n, err)
+            # the model weight is the main weight rounded to its dtype (bf16)
+            assert torch.equal(gather_full(p.detach(), p, ps), got.to(p.dtype)), (n, p.dtype)
+            checked += 1
+    assert checked == 2 * len(list(model.parameters()))

@@ -5,7 +5,8 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
-from megatron_cases import megatron_job, reference, registry, resume_at_tp1, save_at_tp2, sharded  # noqa: E402
+from megatron_cases import (bf16_wrapper, megatron_job, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
+                            save_at_tp2, save_distopt_at_dp2, sharded)
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +34,30 @@ def test_megatron_checkpoint_saved_at_tp2_continues_at_tp1(megatron_reference, t
 
 
 @pytest.mark.distributed
-def test_megatron_training_job_resumes_bit_exact_at_tp2(tmp_path):
-    spawn(2, megatron_job, str(tmp_path))
+@pytest.mark.parametrize("world,tp", [(1, 1), (2, 2)], ids=["tp1", "tp2"])
+def test_megatron_bf16_wrapper_step_equals_float64_reference(world, tp):
+    spawn(world, bf16_wrapper, tp)
 
 
-def test_megatron_job_refuses_the_distributed_optimizer_until_it_can_checkpoint_moga():
+@pytest.mark.distributed
+def test_megatron_distributed_optimizer_checkpoint_of_dp2_continues_at_tp2(megatron_reference, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    spawn(2, save_distopt_at_dp2, str(tmp_path / "ckpt"))
+    spawn(2, resume_distopt_at_tp2, str(tmp_path / "ckpt"), megatron_reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,zero_stage", [(2, 0), (1, 1)], ids=["tp2_replicated", "dp2_distributed_optimizer"])
+def test_megatron_training_job_resumes_bit_exact(tmp_path, tp, zero_stage):
+    spawn(2, megatron_job, str(tmp_path), tp, zero_stage)
+
+
+def test_megatron_job_refuses_zero_stage_2():
     from moga_dist.train.backend_megatron import MegatronBackend
     from moga_dist.train.config import load
 
-    with pytest.raises(ValueError, match="zero_stage=1 with parallel.engine='megatron'"):
-        MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=1"]))
+    with pytest.raises(ValueError, match="zero_stage=2 with parallel.engine='megatron': allowed 0"):
+        MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=2"]))
 
 
 @pytest.mark.distributed

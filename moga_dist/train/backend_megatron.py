@@ -17,9 +17,9 @@ from .config import RunConfig
 
 
 class MegatronBackend:
-    """Megatron's replicated optimizer wrappers (engine.zero_stage = 0). Its distributed optimizer
-    steps MOGA exactly too (tests/test_megatron.py), but its checkpoint code is written for Adam's
-    state (exp_avg/exp_avg_sq and a tensor step), so this loop refuses it until that is adapted."""
+    """Megatron's replicated optimizer wrappers (engine.zero_stage = 0) or its distributed optimizer
+    (engine.zero_stage = 1: fp32 main weights and momentum sharded over DP, checkpointed by
+    moga_dist.megatron_distopt in a format that reshards across TP and DP)."""
 
     def __init__(self, cfg: RunConfig, allow_cpu: bool = False):
         import torch.distributed as dist
@@ -30,10 +30,10 @@ class MegatronBackend:
         if p.pipeline_parallel != 1:
             raise ValueError(f"parallel.pipeline_parallel={p.pipeline_parallel}: this loop runs TP x DP only; MOGA "
                              "itself is pipeline-agnostic (use it through moga_dist.megatron in Megatron-LM)")
-        if cfg.engine.zero_stage != 0:
-            raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': Megatron's "
-                             "distributed optimizer checkpoints only Adam's state, so MOGA's momentum could not be "
-                             "saved; use engine.zero_stage=0 (replicated optimizer state)")
+        if cfg.engine.zero_stage not in (0, 1):
+            raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': allowed 0 "
+                             "(replicated optimizer state) or 1 (Megatron's distributed optimizer, which also "
+                             "reduce-scatters gradients)")
         self.on_cpu = not torch.cuda.is_available()
         if self.on_cpu and not allow_cpu:
             raise ValueError("the Megatron backend needs CUDA GPUs (Megatron-core allocates on CUDA); on CPU use "
@@ -67,7 +67,7 @@ class MegatronBackend:
 
         cfg, m, t = self.cfg, self.cfg.model, self.cfg.training
         bf16 = cfg.engine.bf16
-        distributed_optimizer = False        # see the class docstring
+        distributed_optimizer = cfg.engine.zero_stage == 1
         tcfg = TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
             num_query_groups=m.num_kv_heads, ffn_hidden_size=m.intermediate_size, layernorm_epsilon=m.rms_norm_eps,
@@ -103,11 +103,13 @@ class MegatronBackend:
         return model, ddp, optimizer, scheduler
 
     def layout_meta(self) -> dict:
-        """dist_checkpointing reshards across TP and DP: only the engine must match."""
-        return {"engine": "megatron"}
+        """dist_checkpointing reshards across TP and DP; the engine and the optimizer's sharding (its
+        two checkpoint formats differ) must match."""
+        return {"engine": "megatron", "distributed_optimizer": self.cfg.engine.zero_stage == 1}
 
     def describe(self) -> str:
-        return f"Megatron TP{self.tp} x DP{self.dp_world}, replicated optimizer"
+        kind = "distributed optimizer" if self.cfg.engine.zero_stage == 1 else "replicated optimizer"
+        return f"Megatron TP{self.tp} x DP{self.dp_world}, {kind}"
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
         if not self.on_cpu:

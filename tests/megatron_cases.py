@@ -238,10 +238,22 @@ def registry(rank, world, path):
         assert err <= 1e-6, (name, err)
 
 
-def bf16_wrapper(rank, world, tp):
-    """bf16 model, Megatron's Float16OptimizerWithFloat16Params around MOGA: one step of every fp32
-    main weight equals the float64 reference step on the whole (TP-gathered) main weight, momentum
-    and fp32 main gradient, with the role and row blocks the adapter read off the model."""
+def _dp_full(wrapper, p, tensor_of_range):
+    """The whole TP-local tensor of parameter p from the distributed optimizer's DP shards:
+    tensor_of_range(lo, hi) gives this rank's [lo, hi) of the flattened parameter."""
+    full = torch.zeros(p.numel(), dtype=torch.float32)
+    if p in wrapper.model_param_gbuf_map:
+        rng = wrapper._get_model_param_range_map(p)["param"]
+        full[rng.start:rng.end] = tensor_of_range(rng.start, rng.end)
+    dist.all_reduce(full, group=wrapper.data_parallel_group)
+    return full.view(p.shape)
+
+
+def bf16_wrapper(rank, world, tp, distopt=False):
+    """bf16 model, Megatron's Float16OptimizerWithFloat16Params (or its distributed optimizer)
+    around MOGA: one step of every fp32 main weight equals the float64 reference step on the whole
+    (TP-gathered, DP-assembled) main weight, momentum and fp32 main gradient, with the role and
+    row blocks the adapter read off the model."""
     import megatron_support
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -268,16 +280,35 @@ def bf16_wrapper(rank, world, tp):
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
                      share_embeddings_and_output_weights=False)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), model)
     hp = {**MOGA_SETTINGS, "norm": "col", "lr": 0.02, "weight_decay": 0.1}
     opt = moga_megatron.get_megatron_optimizer(
         OptimizerConfig(optimizer="moga", lr=hp["lr"], weight_decay=hp["weight_decay"], clip_grad=0.0, bf16=True,
-                        params_dtype=torch.bfloat16), [ddp], moga={k: hp[k] for k in ("momentum", "hidden_mult", "norm")})
+                        params_dtype=torch.bfloat16, use_distributed_optimizer=distopt), [ddp],
+        moga={k: hp[k] for k in ("momentum", "hidden_mult", "norm")})
     wrapper = getattr(opt, "chained_optimizers", [opt])[0]
-    assert type(wrapper).__name__ == "Float16OptimizerWithFloat16Params", type(wrapper).__name__
+    want_kind = "MOGADistributedOptimizer" if distopt else "Float16OptimizerWithFloat16Params"
+    assert type(wrapper).__name__ == want_kind, type(wrapper).__name__
     info = moga_megatron.describe_params([ddp], ps.get_tensor_model_parallel_rank(), tp)
     main_of = {id(model_p): main for main, model_p in moga_megatron._pairs(wrapper)}
-    assert any(main is not p and p.dtype == torch.bfloat16 for p in model.parameters() for main in [main_of[id(p)]])
+
+    def whole(p, what):
+        """(main weight | gradient | momentum) of p, whole, fp64."""
+        if not distopt:
+            main = main_of[id(p)]
+            t = {"main": main.detach(), "grad": p.main_grad,
+                 "mom": wrapper.optimizer.state.get(main, {}).get("momentum_buffer", torch.zeros_like(main))}[what]
+            return gather_full(t, p, ps).double()
+
+        def local(lo, hi):
+            main = main_of[id(p)]
+            if what == "main":
+                return main.detach()
+            if what == "grad":          # the reduce-scattered shard of the grad buffer
+                return p.main_grad.reshape(-1)[lo:hi]
+            return wrapper.optimizer.state.get(main, {}).get("momentum_buffer", torch.zeros_like(main))
+        return gather_full(_dp_full(wrapper, p, local), p, ps).double()
     gen = torch.Generator().manual_seed(7)
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
     pos = torch.arange(SEQ).unsqueeze(0)
@@ -288,19 +319,14 @@ def bf16_wrapper(rank, world, tp):
         opt.zero_grad()
         ddp(tokens[:, :-1], pos.expand(GLOBAL_BATCH, -1), mask, labels=tokens[:, 1:]).mean().backward()
         finalize_model_grads([ddp])
-        before = {}
-        for n, p in model.named_parameters():
-            main = main_of[id(p)]
-            state = wrapper.optimizer.state.get(main, {})
-            mom = state.get("momentum_buffer", torch.zeros_like(main))
-            before[n] = [gather_full(t, p, ps).double() for t in (main.detach(), p.main_grad, mom)]
+        before = {n: [whole(p, k) for k in ("main", "grad", "mom")] for n, p in model.named_parameters()}
         ok, _, _ = opt.step()
         assert ok
         for n, p in model.named_parameters():
             meta = info[id(p)]
             w, g, m = before[n]
             want, _ = reference_step(w, g, m, meta.role, row_blocks=meta.layout.row_blocks, **hp)
-            got = gather_full(main_of[id(p)].detach(), p, ps).double()
+            got = whole(p, "main")
             err = ((got - w) - (want - w)).abs().max().item()
             assert err <= 1e-5 * (want - w).abs().max().item() + 1e-7 * w.abs().max().item(), (step, n, err)
             # the model weight is the main weight rounded to its dtype (bf16)

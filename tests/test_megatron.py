@@ -34,9 +34,10 @@ def test_megatron_checkpoint_saved_at_tp2_continues_at_tp1(megatron_reference, t
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,tp", [(1, 1), (2, 2)], ids=["tp1", "tp2"])
-def test_megatron_bf16_wrapper_step_equals_float64_reference(world, tp):
-    spawn(world, bf16_wrapper, tp)
+@pytest.mark.parametrize("world,tp,distopt", [(1, 1, False), (2, 2, False), (2, 1, True)],
+                         ids=["tp1", "tp2", "dp2_distributed_optimizer"])
+def test_megatron_bf16_step_equals_float64_reference(world, tp, distopt):
+    spawn(world, bf16_wrapper, tp, distopt)
 
 
 @pytest.mark.distributed

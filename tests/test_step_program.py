@@ -14,29 +14,18 @@ SHAPES = [(13, 7), (9, 20), (11,)]
 ROLES = ["hidden", "hidden", "vector"]
 
 
+def _set(key, value):
+    """A change of one group setting, mirrored in the oracle's settings."""
+    def change(params, opt, ref):
+        for g in opt.param_groups:
+            g[key] = value
+        ref[key] = value
+    return change
+
+
 def _changes():
     """(description, fn(params, opt, ref_state)) applied before each step; ref_state mirrors the
     settings the float64 oracle must use."""
-    def lr_schedule(params, opt, ref):
-        for g in opt.param_groups:
-            g["lr"] = 0.03
-        ref["lr"] = 0.03
-
-    def momentum_change(params, opt, ref):
-        for g in opt.param_groups:
-            g["momentum"] = 0.5
-        ref["momentum"] = 0.5
-
-    def weight_decay_change(params, opt, ref):
-        for g in opt.param_groups:
-            g["weight_decay"] = 0.3
-        ref["weight_decay"] = 0.3
-
-    def norm_change(params, opt, ref):
-        for g in opt.param_groups:
-            g["norm"] = "col"
-        ref["norm"] = "col"
-
     def new_storage(params, opt, ref):
         # What ZeRO-3/FSDP-style engines do: the same Parameter, new storage.
         params[0].data = params[0].data.clone()
@@ -44,14 +33,9 @@ def _changes():
     def non_contiguous_grad(params, opt, ref):
         ref["transpose_grad"] = True
 
-    def eps_change(params, opt, ref):
-        for g in opt.param_groups:
-            g["eps"] = 1e-6
-        ref["eps"] = 1e-6
-
-    return [("none", lambda *a: None), ("lr", lr_schedule), ("momentum", momentum_change),
-            ("weight_decay", weight_decay_change), ("norm", norm_change), ("storage", new_storage),
-            ("grad layout", non_contiguous_grad), ("eps", eps_change)]
+    return [("none", lambda *a: None), ("lr", _set("lr", 0.03)), ("momentum", _set("momentum", 0.5)),
+            ("weight_decay", _set("weight_decay", 0.3)), ("norm", _set("norm", "col")),
+            ("storage", new_storage), ("grad layout", non_contiguous_grad), ("eps", _set("eps", 1e-6))]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])

@@ -20,15 +20,17 @@ class CommCounter:
     """What this rank handed to collectives: calls and payload bytes per group key."""
 
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    payload_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    payload_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))   # statistics
+    flag_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))      # non-finite verdicts
 
     def reset(self) -> None:
         self.calls.clear()
         self.payload_bytes.clear()
+        self.flag_bytes.clear()
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.payload_bytes.values())
+        return sum(self.payload_bytes.values()) + sum(self.flag_bytes.values())
 
     @property
     def total_calls(self) -> int:
@@ -60,28 +62,35 @@ class StatReducer:
         if size != expected_size:
             raise ValueError(f"process group {key!r} has {size} ranks but the layout says {expected_size}")
 
-    def reduce(self, items: list[tuple[Plan, torch.Tensor]]) -> None:
+    def reduce(self, items: list[tuple[Plan, torch.Tensor]], nonfinite: float = 0.0) -> float:
         """Sum, in place, each stats tensor's slots listed in its plan, across the plan's groups.
 
         `items` must come in the same order on every rank of a group (MOGA sorts them by a global
-        key); a rank that holds nothing of a parameter passes zeros for it (a "ghost")."""
+        key); a rank that holds nothing of a parameter passes zeros for it (a "ghost").
+        `nonfinite` (> 0: this rank saw a non-finite gradient) rides in one extra slot of every
+        collective; the return value is its sum over every rank this rank heard from (DP stage,
+        then TP stage: across both, every rank of a TP x DP grid), so ranks refuse a step together."""
         stage_of: dict[str, int] = {}
         for plan, _ in items:
             stage_of.update(plan.group_stage)
+        flag = torch.tensor([float(nonfinite)])
         for key in sorted(stage_of, key=lambda k: (stage_of[k], k)):
             views = [stats[s:e] for plan, stats in items for s, e in plan.group_slots.get(key, ())]
             if not views:
                 continue
-            self._all_reduce(key, views)
+            self._all_reduce(key, views, flag)
+        return float(flag)
 
-    def _all_reduce(self, key: str, views: list[torch.Tensor]) -> None:
+    def _all_reduce(self, key: str, views: list[torch.Tensor], flag: torch.Tensor) -> None:
         import torch.distributed as dist
 
-        buf = torch.cat(views)
+        buf = torch.cat([*views, flag])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_groups[key])
         self.counter.calls[key] += 1
-        self.counter.payload_bytes[key] += buf.numel() * buf.element_size()
+        self.counter.payload_bytes[key] += (buf.numel() - 1) * buf.element_size()
+        self.counter.flag_bytes[key] += buf.element_size()
         offset = 0
         for v in views:
             v.copy_(buf[offset:offset + v.numel()])
             offset += v.numel()
+        flag.copy_(buf[offset:])

@@ -190,23 +190,36 @@ def _init_state(opt: MOGA, config=None) -> None:
 
 class _RegistryMOGA(MOGA):
     """MOGA as megatron-core 0.17+'s emerging-optimizer registry builds it: from Megatron's param
-    groups plus the metadata config_to_kwargs reads off the model (fp32 params: the registry path
-    wraps it in FP32Optimizer, or the layer-wise optimizer, which owns whole parameters)."""
+    groups plus the metadata config_to_kwargs reads off the model. Megatron then wraps it in
+    FP32Optimizer, or for bf16 in Float16OptimizerWithFloat16Params, which swaps each bf16
+    parameter in its group slot for an fp32 main copy; the copy inherits the slot's metadata."""
 
     def __init__(self, param_groups, param_info: dict, tp_group, settings: Mapping):
         groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in param_groups]
         super().__init__([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups={"tp": tp_group})
         self.adopt_param_groups(groups)
-        params = [p for g in self.param_groups for p in g["params"]]
-        missing = [tuple(p.shape) for p in params if id(p) not in param_info]
+        missing = [tuple(p.shape) for g in self.param_groups for p in g["params"] if id(p) not in param_info]
         if missing:
-            raise ValueError(f"MOGA got tensors that are not the model's parameters (shapes {missing[:3]}): the "
-                             "registry path supports fp32 params; use moga_dist.megatron.get_megatron_optimizer "
-                             "for mixed precision and the distributed optimizer")
-        self.set_layouts({p: param_info[id(p)].layout for p in params})
-        self.set_param_options({p: {"role": param_info[id(p)].role} for p in params})
-        self.set_global_order({p: param_info[id(p)].key for p in params})
+            raise ValueError(f"MOGA got tensors that are not the model's parameters (shapes {missing[:3]}); "
+                             "build it through Megatron's get_megatron_optimizer with optimizer='moga'")
+        self._slots = [[param_info[id(p)] for p in g["params"]] for g in self.param_groups]
+        self._register([(p, info) for g, infos in zip(self.param_groups, self._slots)
+                        for p, info in zip(g["params"], infos)])
         self.save_layouts = False
+
+    def _register(self, pairs: list[tuple[torch.Tensor, ParamInfo]]) -> None:
+        self._known.update(id(p) for p, _ in pairs)
+        self.set_layouts({p: info.layout for p, info in pairs})
+        self.set_param_options({p: {"role": info.role} for p, info in pairs})
+        self._order.update({id(p): info.key for p, info in pairs})
+        self._invalidate()
+
+    def _build_program(self):
+        moved = [(p, info) for g, infos in zip(self.param_groups, self._slots)
+                 for p, info in zip(g["params"], infos) if id(p) not in self._layouts]
+        if moved:
+            self._register(moved)
+        return super()._build_program()
 
 
 def register(name: str = "moga", settings: Mapping | None = None) -> bool:

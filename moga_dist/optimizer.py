@@ -236,21 +236,25 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         if self._suspended:
             return loss
         program = self._program()
-        if not program.pieces:
+        if not program.pieces and not self._ghosts:     # a rank holding only ghosts still reduces
             return loss
         try:
             for state in program.states:
                 state["step"] += 1
             program.phase_a()
+            # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
+            own_bad = not math.isfinite(float(program.arena.sum()))
+            refuse = own_bad
             if program.reduce_items is None:
                 program.reduce_items = self._reduction_items(program)
             if program.reduce_items:
                 if program.ghost_stats is not None:
                     program.ghost_stats.zero_()
-                self.reducer.reduce(program.reduce_items)
-            # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
-            if not math.isfinite(float(program.arena.sum())):
-                self._refuse_non_finite(program)
+                # The verdict travels with the statistics, so every rank that shares any refuses too.
+                reported = self.reducer.reduce(program.reduce_items, nonfinite=float(own_bad))
+                refuse = refuse or reported > 0 or not math.isfinite(float(program.arena.sum()))
+            if refuse:
+                self._refuse_non_finite(program, elsewhere=not own_bad)
             program.phase_b()
         finally:
             program.release()
@@ -283,8 +287,9 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         finally:
             self._suspended = False
 
-    def _refuse_non_finite(self, program: StepProgram) -> None:
+    def _refuse_non_finite(self, program: StepProgram, elsewhere: bool = False) -> None:
         bad = [pc.name for pc, st in zip(program.pieces, program.stats) if not bool(torch.isfinite(st).all())]
+        where = "another rank's shard (this rank's gradients were finite)" if elsewhere else ", ".join(bad)
         for piece, st in zip(program.pieces, program.stats):
             if self.fused and piece.one_pass:
                 F.undo_one_pass(piece, st)
@@ -292,7 +297,8 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         for state in program.states:
             state["step"] -= 1
         raise NonFiniteGradientError(
-            f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; step refused: parameters and momentum "
+            f"non-finite gradient (NaN or Inf) in {where}; step refused on every rank that shares statistics "
+            "with it: parameters and momentum "
             "were restored to their pre-step values (to float rounding; momentum entries whose gradient "
             "was non-finite reset to 0). Lower the learning rate, enable gradient clipping, or skip this batch.")
 

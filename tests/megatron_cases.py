@@ -249,7 +249,7 @@ def _dp_full(wrapper, p, tensor_of_range):
     return full.view(p.shape)
 
 
-def bf16_wrapper(rank, world, tp, distopt=False):
+def bf16_wrapper(rank, world, tp, distopt=False, registry=False):
     """bf16 model, Megatron's Float16OptimizerWithFloat16Params (or its distributed optimizer)
     around MOGA: one step of every fp32 main weight equals the float64 reference step on the whole
     (TP-gathered, DP-assembled) main weight, momentum and fp32 main gradient, with the role and
@@ -283,10 +283,15 @@ def bf16_wrapper(rank, world, tp, distopt=False):
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), model)
     hp = {**MOGA_SETTINGS, "norm": "col", "lr": 0.02, "weight_decay": 0.1}
-    opt = moga_megatron.get_megatron_optimizer(
-        OptimizerConfig(optimizer="moga", lr=hp["lr"], weight_decay=hp["weight_decay"], clip_grad=0.0, bf16=True,
-                        params_dtype=torch.bfloat16, use_distributed_optimizer=distopt), [ddp],
-        moga={k: hp[k] for k in ("momentum", "hidden_mult", "norm")})
+    settings = {k: hp[k] for k in ("momentum", "hidden_mult", "norm")}
+    config = OptimizerConfig(optimizer="moga", lr=hp["lr"], weight_decay=hp["weight_decay"], clip_grad=0.0,
+                             bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=distopt)
+    if registry:     # megatron-core 0.17+: Megatron's own entry point, MOGA registered under "moga"
+        from megatron.core import optimizer as mopt
+        assert moga_megatron.register(settings=settings)
+        opt = mopt.get_megatron_optimizer(config, [ddp])
+    else:
+        opt = moga_megatron.get_megatron_optimizer(config, [ddp], moga=settings)
     wrapper = getattr(opt, "chained_optimizers", [opt])[0]
     want_kind = "MOGADistributedOptimizer" if distopt else "Float16OptimizerWithFloat16Params"
     assert type(wrapper).__name__ == want_kind, type(wrapper).__name__

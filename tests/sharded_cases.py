@@ -154,6 +154,8 @@ def run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups):
     for key, n in expected.items():
         assert counter.payload_bytes.get(key, 0) == 4 * n * STEPS, (name, norm, key, dict(counter.payload_bytes), n)
         assert counter.calls.get(key, 0) == (STEPS if n else 0), (name, norm, key, dict(counter.calls))
+        # plus one fp32 slot per collective: the non-finite verdict that makes ranks refuse together
+        assert counter.flag_bytes.get(key, 0) == (4 * STEPS if n else 0), (name, norm, key, dict(counter.flag_bytes))
     return expected
 
 
@@ -174,3 +176,44 @@ def worker(rank, world, results=None):
             ({"tp": world_group} if tp_world > 1 else {"dp": world_group})
         for norm in ("row", "col"):
             run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups)
+
+
+def nonfinite_on_one_rank(rank, world):
+    """TP over all ranks: a row-parallel weight (its row statistics are shared) and a column-parallel
+    one (its rows are local). A NaN in rank 0's column-parallel gradient, which no other rank's
+    statistics see, must make every rank refuse the step and restore its shard; the next, finite
+    step then runs on all ranks (no hang, no divergence)."""
+    from moga_dist import NonFiniteGradientError
+
+    group = dist.new_group(list(range(world)))
+    gen = torch.Generator().manual_seed(rank)
+    col_parallel = torch.nn.Parameter(torch.randn(2, 5, generator=gen))      # global [2*world, 5], dim 0
+    row_parallel = torch.nn.Parameter(torch.randn(4, 3, generator=gen))      # global [4, 3*world], dim 1
+    opt = MOGA([col_parallel, row_parallel], **HP, process_groups={"tp": group}, layouts={
+        col_parallel: ShardLayout((2 * world, 5), tp=TensorParallelSplit(0, rank, world)),
+        row_parallel: ShardLayout((4, 3 * world), tp=TensorParallelSplit(1, rank, world))})
+    for p in (col_parallel, row_parallel):
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in (col_parallel, row_parallel)]
+    moms = [opt.state[p]["momentum_buffer"].clone() for p in (col_parallel, row_parallel)]
+    for p in (col_parallel, row_parallel):
+        p.grad = torch.randn(p.shape, generator=gen)
+    if rank == 0:
+        col_parallel.grad[1, 2] = float("nan")
+    try:
+        opt.step()
+    except NonFiniteGradientError as exc:
+        assert ("another rank" in str(exc)) == (rank != 0), str(exc)
+    else:
+        raise AssertionError(f"rank {rank} stepped although rank 0's gradient held a NaN")
+    for p, w, m in zip((col_parallel, row_parallel), before, moms):
+        assert (p.detach() - w).abs().max().item() <= 1e-6 * w.abs().max().item(), rank
+        mom = opt.state[p]["momentum_buffer"]
+        fine = torch.isfinite(p.grad)
+        assert torch.allclose(mom[fine], m[fine], rtol=1e-5, atol=1e-7), rank
+    assert all(opt.state[p]["step"] == 1 for p in (col_parallel, row_parallel))
+    for p in (col_parallel, row_parallel):
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert all(opt.state[p]["step"] == 2 for p in (col_parallel, row_parallel))

@@ -61,11 +61,21 @@ def test_megatron_job_refuses_zero_stage_2():
         MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=2"]))
 
 
-@pytest.mark.distributed
-def test_megatron_registry_of_0_17_takes_optimizer_moga(megatron_reference):
+def _needs_registry():
     import megatron.core
     from packaging.version import Version
 
     if Version(megatron.core.__version__) < Version("0.17"):
         pytest.skip(f"megatron-core {megatron.core.__version__} has no emerging-optimizer registry (0.17+)")
+
+
+@pytest.mark.distributed
+def test_megatron_registry_of_0_17_takes_optimizer_moga(megatron_reference):
+    _needs_registry()
     spawn(2, registry, megatron_reference)
+
+
+@pytest.mark.distributed
+def test_megatron_registry_of_0_17_bf16_step_equals_float64_reference():
+    _needs_registry()
+    spawn(2, bf16_wrapper, 2, False, True)

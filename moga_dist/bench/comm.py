@@ -4,7 +4,8 @@ hands to collectives, beside the analytic minimum and an all-gather-based matrix
 Layer (Megatron layout): linear_qkv [3*4096, 4096] (MHA: 32 groups of [q, k, v], column-parallel),
 linear_proj [4096, 4096] (row-parallel), linear_fc1 [2*11008, 4096] ([gate; up], column-parallel,
 stride 2), linear_fc2 [4096, 11008] (row-parallel), two RMSNorm gains [4096] (replicated).
-Bytes are all-reduce payloads per rank (fp32 partial sums); `allgather_equivalent` is what each rank
+Bytes are all-reduce payloads per rank (fp32 partial sums); `verdict` is the one extra fp32 slot
+per collective that carries the non-finite-gradient verdict; `allgather_equivalent` is what each rank
 receives when the TP/DP-sharded matrices are all-gathered in bf16 (Muon's default in Megatron).
 """
 from __future__ import annotations
@@ -137,7 +138,8 @@ def _worker(rank, world, port, tp, dp, norm, steps, queue):
         opt.step()
     elapsed = (time.perf_counter() - t0) / steps
     c = opt.reducer.counter
-    queue.put((rank, c.total_bytes // steps, c.total_calls / steps, dict(c.calls), elapsed))
+    queue.put((rank, sum(c.payload_bytes.values()) // steps, c.total_calls / steps, dict(c.calls), elapsed,
+               sum(c.flag_bytes.values()) // steps))
     dist.barrier(groups.get("tp") or groups["dp"])
     dist.destroy_process_group()
 
@@ -158,6 +160,7 @@ def run_layout(tp: int, dp: int, norm: str, steps: int) -> dict:
     return {"tp": tp, "dp": dp, "norm": norm, "bytes": max(r[1] for r in per_rank),
             "minimum": 4 * analytic_minimum(specs, norm, tp, dp),
             "allgather_equivalent": allgather_equivalent(specs, tp, dp),
+            "verdict_bytes": max(r[5] for r in per_rank),
             "collectives_per_step": max(r[2] for r in per_rank), "groups": len(groups_used),
             "step_s": max(r[4] for r in per_rank)}
 
@@ -168,14 +171,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--norms", nargs="+", default=["col", "row"], choices=["row", "col"])
     args = ap.parse_args(argv)
-    print(f"{'layout':>10} {'norm':>4} {'bytes/rank':>11} {'minimum':>9} {'allgather_eq':>13} {'ratio':>8} "
-          f"{'coll/step':>9} {'step s':>7}")
+    print(f"{'layout':>10} {'norm':>4} {'bytes/rank':>11} {'minimum':>9} {'verdict':>7} {'allgather_eq':>13} "
+          f"{'ratio':>8} {'coll/step':>9} {'step s':>7}")
     last = None
     for tp, dp in ((2, 1), (1, 2), (4, 1)):
         for norm in args.norms:
             r = run_layout(tp, dp, norm, args.steps)
             ratio = r["allgather_equivalent"] / max(r["bytes"], 1)
-            print(f"{f'TP{tp}xDP{dp}':>10} {norm:>4} {r['bytes']:>11} {r['minimum']:>9} "
+            print(f"{f'TP{tp}xDP{dp}':>10} {norm:>4} {r['bytes']:>11} {r['minimum']:>9} {r['verdict_bytes']:>7} "
                   f"{r['allgather_equivalent']:>13} {ratio:>8.0f} {r['collectives_per_step']:>9.0f} "
                   f"{r['step_s']:>7.2f}", flush=True)
             last = r

@@ -94,3 +94,11 @@ class StatReducer:
             v.copy_(buf[offset:offset + v.numel()])
             offset += v.numel()
         flag.copy_(buf[offset:])
+
+
+def sum_across(buf: torch.Tensor, group) -> None:
+    """buf <- sum of buf over the ranks of `group`, in place (one all-reduce). The Megatron adapter
+    assembles distributed-optimizer checkpoints with it: each rank fills its own disjoint ranges."""
+    import torch.distributed as dist
+
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)

@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from .collectives import sum_across
+
 FORMAT = "moga_model_space"
 # Formats a Megatron-LM run may ask for; all are served as FORMAT, which reshards in every dimension.
 _ACCEPTED = (FORMAT, "fully_reshardable", "dp_reshardable", "fully_sharded_model_space", "dp_zero_gather_scatter")
@@ -154,7 +156,7 @@ def _subclass(base: type) -> type:
                 world["fp32_param"][start + lo:start + hi] = main.detach().reshape(-1)
                 world["momentum_buffer"][start + lo:start + hi] = momentum.reshape(-1)
             packed = torch.cat([world[k] for k in _KEYS])
-            torch.distributed.all_reduce(packed, group=buffer.data_parallel_group)
+            sum_across(packed, buffer.data_parallel_group)
             return dict(zip(_KEYS, packed.split(buffer.numel)))
 
         @torch.no_grad()

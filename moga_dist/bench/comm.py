@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import socket
 import time
 
 import torch
@@ -21,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moga_dist import MOGA, FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+from moga_dist.testing import spawn
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 4096, 11008, 32, 128
 
@@ -96,10 +95,7 @@ def allgather_equivalent(specs, tp: int, dp: int) -> int:
     return total
 
 
-def _worker(rank, world, port, tp, dp, norm, steps, queue):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank, world, tp, dp, norm, steps, queue):
     groups = {}
     for key, members in (("tp", [[d * tp + t for t in range(tp)] for d in range(dp)]),
                          ("dp", [[d * tp + t for d in range(dp)] for t in range(tp)])):
@@ -140,20 +136,13 @@ def _worker(rank, world, port, tp, dp, norm, steps, queue):
     c = opt.reducer.counter
     queue.put((rank, sum(c.payload_bytes.values()) // steps, c.total_calls / steps, dict(c.calls), elapsed,
                sum(c.flag_bytes.values()) // steps))
-    dist.barrier(groups.get("tp") or groups["dp"])
-    dist.destroy_process_group()
 
 
 def run_layout(tp: int, dp: int, norm: str, steps: int) -> dict:
     """Spawn tp*dp gloo ranks; per-rank bytes/collectives per step, with minimum and equivalents."""
     world = tp * dp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, tp, dp, norm, steps, queue), nprocs=world,
-                       join=True, start_method="spawn")
+    queue = mp.get_context("spawn").SimpleQueue()
+    spawn(world, _worker, tp, dp, norm, steps, queue)
     per_rank = sorted(queue.get() for _ in range(world))
     specs = layer_specs()
     groups_used = {k for r in per_rank for k in r[3]}

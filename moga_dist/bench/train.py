@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 
 import torch.multiprocessing as mp
 
+from moga_dist.testing import spawn
 
-def _worker(rank, world, port, preset, steps, rounds, base, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+
+def _worker(rank, world, preset, steps, rounds, base, queue):
     from moga_dist.train.config import load
     from moga_dist.train.loop import run
 
@@ -39,14 +38,11 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
     # One scratch directory for every rank: ZeRO writes per-rank files into the same checkpoint.
     with tempfile.TemporaryDirectory(prefix="moga_bench_") as base:
-        mp.start_processes(_worker, args=(args.nproc, port, args.config, args.steps, args.rounds, base, queue),
-                           nprocs=args.nproc, join=True, start_method="spawn")
+        # The training loop brings up its own process group (as under a real launcher).
+        spawn(args.nproc, _worker, args.config, args.steps, args.rounds, base, queue, init_process_group=False)
     res = queue.get()
     moga, adamw = statistics.median(res["moga"]), statistics.median(res["adamw"])
     print(f"rounds: moga {[round(x) for x in res['moga']]} adamw {[round(x) for x in res['adamw']]} tokens/s")

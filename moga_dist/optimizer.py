@@ -67,6 +67,10 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
 
     Every rank must step the same parameters (gradients present on all or none), as DDP, ZeRO
     and Megatron guarantee.
+
+    A non-finite gradient raises NonFiniteGradientError after undoing the step (parameters and
+    momentum restored to rounding); the verdict rides in the statistics all-reduce, so every rank
+    sharing statistics with the offending one refuses the same step.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.95,

@@ -66,17 +66,23 @@ def _subclass(base: type) -> type:
             return out
 
         def load_state_dict(self, state_dict):
-            """Inverse of state_dict, plus the parameter state when `state_dict` carries it."""
+            """Inverse of state_dict, plus the parameter state when `state_dict` carries it; a
+            checkpoint of another format is refused before anything is changed."""
+            kind = state_dict.get("param_state_sharding_type", FORMAT)
+            if kind != FORMAT:
+                raise ValueError(f"distributed-optimizer parameter state of type {kind!r}: MOGA checkpoints "
+                                 f"are {FORMAT!r} (an Adam checkpoint cannot seed MOGA's momentum)")
             saved = {_group_key(g): g for g in state_dict["optimizer"]["param_groups"]}
             steps = {int(g.get("step", 0)) for g in saved.values()}
             if len(steps) > 1:
                 raise ValueError(f"checkpoint param groups hold different step counts {sorted(steps)}")
             step = steps.pop() if steps else 0
+            missing = [_group_key(g) for g in self.optimizer.param_groups if _group_key(g) not in saved]
+            if missing:
+                raise ValueError(f"checkpoint has no param group {missing[0]} (it has {sorted(saved, key=str)}): "
+                                 "saved with other lr/wd multipliers?")
             for group in self.optimizer.param_groups:
-                src = saved.get(_group_key(group))
-                if src is None:
-                    raise ValueError(f"checkpoint has no param group {_group_key(group)} (it has "
-                                     f"{sorted(saved, key=str)}): saved with other lr/wd multipliers?")
+                src = saved[_group_key(group)]
                 group.update({k: v for k, v in src.items() if k not in ("params", "step")})
                 for p in group["params"]:
                     self.optimizer.init_state(p)["step"] = step
@@ -84,10 +90,6 @@ def _subclass(base: type) -> type:
             if "grad_scaler" in state_dict and self.grad_scaler:
                 self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
             if "param_state" in state_dict:
-                kind = state_dict.get("param_state_sharding_type")
-                if kind != FORMAT:
-                    raise ValueError(f"distributed-optimizer parameter state of type {kind!r}: MOGA checkpoints "
-                                     f"are {FORMAT!r} (an Adam checkpoint cannot seed MOGA's momentum)")
                 self._load_model_space(state_dict["param_state"])
 
         def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, sharding_type=None,

@@ -148,8 +148,22 @@ def save_distopt_at_dp2(rank, world, save_dir):
 
     megatron_support.enable_cuda_to_cpu()
     _, opt = train(1, True, "col", steps=2, save_dir=save_dir)
-    assert type(opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt).__name__ \
-        == "MOGADistributedOptimizer"
+    wrapper = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+    assert type(wrapper).__name__ == "MOGADistributedOptimizer"
+    # What it cannot do is refused by name: Megatron FSDP's format, and Adam's parameter state.
+    msd = LAST["ddp"].module.sharded_state_dict()
+    try:
+        wrapper.sharded_state_dict(msd, metadata={"distrib_optim_sharding_type": "fsdp_dtensor"})
+    except ValueError as exc:
+        assert "'fsdp_dtensor'" in str(exc) and "moga_model_space" in str(exc), exc
+    else:
+        raise AssertionError("fsdp_dtensor was not refused")
+    try:
+        wrapper.load_state_dict({**wrapper.state_dict(), "param_state": {}, "param_state_sharding_type": "dp_reshardable"})
+    except ValueError as exc:
+        assert "'dp_reshardable'" in str(exc) and "Adam" in str(exc), exc
+    else:
+        raise AssertionError("an Adam parameter state was not refused")
 
 
 def resume_distopt_at_tp2(rank, world, load_dir, ref_path):

@@ -27,10 +27,15 @@ def test_megatron_tp2_x_dp2_equals_tp1(megatron_reference):
 
 
 @pytest.mark.distributed
-def test_megatron_checkpoint_saved_at_tp2_continues_at_tp1(megatron_reference, tmp_path):
+@pytest.mark.parametrize("save,save_world,resume,resume_world", [
+    (save_at_tp2, 2, resume_at_tp1, 1),                       # replicated optimizer, TP 2 -> TP 1
+    (save_distopt_at_dp2, 2, resume_distopt_at_tp2, 2),       # distributed optimizer, DP 2 -> TP 2
+], ids=["tp2_to_tp1", "distributed_optimizer_dp2_to_tp2"])
+def test_megatron_checkpoint_continues_at_another_layout(megatron_reference, tmp_path, save, save_world,
+                                                         resume, resume_world):
     (tmp_path / "ckpt").mkdir()
-    spawn(2, save_at_tp2, str(tmp_path / "ckpt"))
-    spawn(1, resume_at_tp1, str(tmp_path / "ckpt"), megatron_reference)
+    spawn(save_world, save, str(tmp_path / "ckpt"))
+    spawn(resume_world, resume, str(tmp_path / "ckpt"), megatron_reference)
 
 
 @pytest.mark.distributed
@@ -38,13 +43,6 @@ def test_megatron_checkpoint_saved_at_tp2_continues_at_tp1(megatron_reference, t
                          ids=["tp1", "tp2", "dp2_distributed_optimizer"])
 def test_megatron_bf16_step_equals_float64_reference(world, tp, distopt):
     spawn(world, bf16_wrapper, tp, distopt)
-
-
-@pytest.mark.distributed
-def test_megatron_distributed_optimizer_checkpoint_of_dp2_continues_at_tp2(megatron_reference, tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    spawn(2, save_distopt_at_dp2, str(tmp_path / "ckpt"))
-    spawn(2, resume_distopt_at_tp2, str(tmp_path / "ckpt"), megatron_reference)
 
 
 @pytest.mark.distributed

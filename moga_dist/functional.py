@@ -48,6 +48,10 @@ class Piece:
         self.one_pass = self.kernel and (self.plan is None or (self.plan.axis == "row"
                                                                 and not self.plan.group_slots))
 
+    def scale_of(self, run) -> float:
+        """The lr multiplier of `run`'s block (None: the whole piece)."""
+        return self.scales[run.block if run is not None and len(self.scales) > 1 else 0]
+
 
 def flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
@@ -119,7 +123,7 @@ def phase_b(piece: Piece, inv: torch.Tensor) -> None:
         n = run.nrows * run.ncols
         p2 = p[run.offset:run.offset + n].view(run.nrows, run.ncols)
         u2 = u[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        alpha = piece.lr * piece.scales[run.block if len(piece.scales) > 1 else 0]
+        alpha = piece.lr * piece.scale_of(run)
         k = run.nrows if plan.axis == "row" else run.ncols
         scale = inv[run.stat_start:run.stat_start + k]
         scale = scale.view(-1, 1) if plan.axis == "row" else scale.view(1, -1)
@@ -146,7 +150,10 @@ def undo_momentum(piece: Piece) -> None:
 
 
 def run_view(t: torch.Tensor, run) -> torch.Tensor:
-    """The [nrows, ncols] block of `t` that `run` names (t itself when it already is that block)."""
+    """The [nrows, ncols] block of `t` that `run` names (t itself when it already is that block);
+    run None: all of `t`, flat [numel] (sign roles have no runs)."""
+    if run is None:
+        return flat_view(t)
     if run.offset == 0 and t.dim() == 2 and t.shape[0] == run.nrows and t.shape[1] == run.ncols:
         return t
     n = run.nrows * run.ncols

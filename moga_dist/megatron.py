@@ -208,11 +208,11 @@ class _RegistryMOGA(MOGA):
         self.save_layouts = False
 
     def _register(self, pairs: list[tuple[torch.Tensor, ParamInfo]]) -> None:
+        # The order entries go in first: the setters below invalidate the step program.
         self._known.update(id(p) for p, _ in pairs)
+        self._order.update({id(p): info.key for p, info in pairs})
         self.set_layouts({p: info.layout for p, info in pairs})
         self.set_param_options({p: {"role": info.role} for p, info in pairs})
-        self._order.update({id(p): info.key for p, info in pairs})
-        self._invalidate()
 
     def _build_program(self):
         moved = [(p, info) for g, infos in zip(self.param_groups, self._slots)

@@ -125,7 +125,6 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
                 segments, base_lr = flat
                 for k, seg in enumerate(segments):
                     options = {**group, **seg.options}
-                    options["lr"] = seg.options.get("lr", base_lr) * group["lr"] / base_lr
                     yield (param, (seg.start, seg.numel), options, seg.layout, (id(param), k),
                            f"parameter {seg.name!r}", (group, seg.options, (seg.options.get("lr", base_lr), base_lr)))
 
@@ -256,6 +255,7 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
                     program.ghost_stats.zero_()
                 # The verdict travels with the statistics, so every rank that shares any refuses too.
                 reported = self.reducer.reduce(program.reduce_items, nonfinite=float(own_bad))
+                # A sum of finite partial sums can still overflow to inf: check the reduced ones too.
                 refuse = refuse or reported > 0 or not math.isfinite(float(program.arena.sum()))
             if refuse:
                 self._refuse_non_finite(program, elsewhere=not own_bad)

@@ -40,12 +40,12 @@ def _kind(piece: F.Piece) -> str:
     return "rows_local" if piece.one_pass else f"{piece.plan.axis}s"
 
 
-def _writes_every_slot(piece: F.Piece, fused: bool) -> bool:
-    """Whether phase A overwrites (not accumulates into) every statistic slot of the piece, so
-    the arena needs no zeroing between steps."""
+def _writes_every_slot(piece: F.Piece, fast: bool) -> bool:
+    """Whether phase A overwrites (not accumulates into) every statistic slot of the piece (fast:
+    it goes to the fused kernels), so the arena needs no zeroing between steps."""
     if piece.plan is None:
         return True
-    if not (fused and piece.kernel) or piece.plan.axis != "row":
+    if not fast or piece.plan.axis != "row":
         return False
     return sum(run.nrows for run in piece.plan.runs) == piece.plan.num_stats
 
@@ -59,7 +59,6 @@ class StepProgram:
         self.owned = owned
         self.pieces = [pc for _, _, pc in owned]
         self.owners = list({id(o): o for o, _, _ in owned}.values())
-        self.fused = fused
         # Filled in by the optimizer: validity signature, per-piece lr sources, owners' state
         # dicts, the (plan, stats) pairs to reduce (None until first needed) and ghost statistics.
         self.signature: tuple | None = None
@@ -74,12 +73,13 @@ class StepProgram:
         device = self.pieces[0].momentum.device if self.pieces else None
         self.arena = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         self.stats = list(self.arena.split(sizes))
-        self.needs_zero = not all(_writes_every_slot(pc, fused) for pc in self.pieces)
-        self.slow = [k for k, pc in enumerate(self.pieces) if not (fused and pc.kernel)]
+        fast = [fused and pc.kernel for pc in self.pieces]
+        self.needs_zero = not all(_writes_every_slot(pc, f) for pc, f in zip(self.pieces, fast))
+        self.slow = [k for k, f in enumerate(fast) if not f]
         self.batches_a: dict[tuple, _Batch] = {}
         self.batches_b: dict[tuple, _Batch] = {}
-        for k, (pc, off) in enumerate(zip(self.pieces, offsets)):
-            if not (fused and pc.kernel):
+        for k, (pc, off, f) in enumerate(zip(self.pieces, offsets, fast)):
+            if not f:
                 continue
             kind = _kind(pc)
             self._add(self.batches_a.setdefault((kind, pc.eps), _Batch(kind, pc.eps)), k, pc, off)
@@ -88,19 +88,12 @@ class StepProgram:
 
     @staticmethod
     def _add(batch: _Batch, k: int, piece: F.Piece, off: int) -> None:
-        if piece.plan is None:
-            batch.p.append(F.flat_view(piece.param))
-            batch.m.append(F.flat_view(piece.momentum))
-            batch.w.append(1.0 - piece.beta)
-            batch.off.append(off)
-            batch.src.append((k, None, piece.scales[0]))
-            return
-        for run in piece.plan.runs:
+        for run in piece.plan.runs if piece.plan is not None else [None]:
             batch.p.append(F.run_view(piece.param, run))
             batch.m.append(F.run_view(piece.momentum, run))
             batch.w.append(1.0 - piece.beta)
-            batch.off.append(off + run.stat_start)
-            batch.src.append((k, run, piece.scales[run.block if len(piece.scales) > 1 else 0]))
+            batch.off.append(off + (run.stat_start if run is not None else 0))
+            batch.src.append((k, run, piece.scale_of(run)))
 
     def bind(self) -> None:
         """Point every piece and batch at this step's gradients and lr/decay (set on the pieces)."""
@@ -112,8 +105,7 @@ class StepProgram:
             batch.alpha = [pieces[k].lr * scale for k, _, scale in batch.src]
             batch.decay = [pieces[k].decay for k, _, _ in batch.src]
         for batch in self.batches_a.values():
-            batch.g = [F.flat_view(pieces[k].grad) if run is None else F.run_view(pieces[k].grad, run)
-                       for k, run, _ in batch.src]
+            batch.g = [F.run_view(pieces[k].grad, run) for k, run, _ in batch.src]
 
     def release(self) -> None:
         """Drop this step's gradient references."""

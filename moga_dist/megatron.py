@@ -155,7 +155,7 @@ def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -
         options[inner] = {"role": meta.role}
         order[inner] = meta.key
     if distributed:
-        held = {info[id(m)].key for _, m in _pairs(wrapper)}
+        held = set(order.values())
         for buffer in wrapper.buffers:
             for model in buffer.param_index_map:
                 meta = info[id(model)]

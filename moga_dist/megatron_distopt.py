@@ -103,9 +103,7 @@ def _subclass(base: type) -> type:
             if model_sharded_state_dict is None:
                 raise ValueError("sharded_state_dict needs the model's sharded state dict "
                                  "(model.sharded_state_dict()) to place the optimizer state")
-            for group in self.optimizer.param_groups:     # state exists before the first step too
-                for p in group["params"]:
-                    self.optimizer.init_state(p)
+            self.init_state_fn(self.optimizer)      # state exists before the first step too
             out = self.state_dict()
             out["param_state"] = self._model_space(model_sharded_state_dict, is_loading)
             out["param_state_sharding_type"] = FORMAT

@@ -1,7 +1,13 @@
-"""moga_dist: the MOGA optimizer, exact at any tensor-/data-parallel layout."""
-from .layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
-from .optimizer import MOGA, NonFiniteGradientError
-from .param_groups import assign_roles, param_groups
+"""moga_dist: the MOGA optimizer, exact at any tensor-/data-parallel layout.
+
+core/     the math, shard layouts, reduction plans, collectives and the optimizer (imports no engine)
+kernels/  fused backends of the step (CPU C++, Triton for CUDA)
+engines/  thin adapters for DeepSpeed and Megatron-core, using only the core's public interface
+train/, bench/, sweep/  recipes: the training job, benchmarks and width-transfer sweeps
+"""
+from .core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+from .core.optimizer import MOGA, NonFiniteGradientError
+from .core.param_groups import assign_roles, param_groups
 
 __version__ = "0.1.0"
 __all__ = ["MOGA", "NonFiniteGradientError", "param_groups", "assign_roles", "ShardLayout",

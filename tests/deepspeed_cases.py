@@ -57,7 +57,7 @@ def ds_config(stage, micro, accum, clip=0.0, bf16=False):
 
 
 def engine_run(rank, world, stage, clip, data, micro, accum, bf16=False, steps=None, engine=None):
-    import moga_dist.deepspeed as mds
+    import moga_dist.engines.deepspeed as mds
 
     if engine is None:
         torch.manual_seed(0)
@@ -80,7 +80,7 @@ def compare(model, ref, what, rtol):
 
 
 def worker(rank, world):
-    import moga_dist.deepspeed as mds
+    import moga_dist.engines.deepspeed as mds
 
     mds.skip_shm_comm_build()
     micro, accum = 2, 2
@@ -123,7 +123,7 @@ def worker(rank, world):
 
 def refusals(rank, world):
     import deepspeed
-    import moga_dist.deepspeed as mds
+    import moga_dist.engines.deepspeed as mds
 
     mds.skip_shm_comm_build()
     torch.manual_seed(0)
@@ -149,6 +149,6 @@ def refusals(rank, world):
     try:
         engine.step()
     except ValueError as exc:
-        assert "moga_dist.deepspeed.initialize" in str(exc)
+        assert "moga_dist.engines.deepspeed.initialize" in str(exc)
     else:
         raise AssertionError("plain deepspeed.initialize under ZeRO-1 was not refused")

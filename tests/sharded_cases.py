@@ -1,5 +1,5 @@
 """Workers for the sharded-vs-unsharded tests. Shards are cut here with plain slicing, independent
-of moga_dist.plan, and every rank checks the gathered result and its own communication."""
+of moga_dist.core.plan, and every rank checks the gathered result and its own communication."""
 import math
 
 import torch

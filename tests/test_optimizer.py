@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moga_dist import MOGA, NonFiniteGradientError, RowBlocks, ShardLayout
-from moga_dist.reference import reference_step
+from moga_dist.core.reference import reference_step
 
 STEPS = 4
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moga_dist import MOGA
-from moga_dist.reference import reference_step
+from moga_dist.core.reference import reference_step
 
 SHAPES = [(13, 7), (9, 20), (11,)]
 ROLES = ["hidden", "hidden", "vector"]

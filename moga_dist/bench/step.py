@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from moga_dist import kernels
+    from moga_dist.kernels import cpu as kernels
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fused kernels "
           f"{'on' if kernels.ops() is not None else 'OFF (pure torch)'}")
     print(f"{'width':>6} {'params':>10} {'moga ms':>9} {'adamw ms':>9} {'muon ms':>9} {'bound ms':>9} "

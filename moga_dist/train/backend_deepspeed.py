@@ -1,5 +1,5 @@
 """DeepSpeed backend of the training loop: HF LlamaForCausalLM (built from a config, no weights
-downloaded), MOGA through moga_dist.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-2."""
+downloaded), MOGA through moga_dist.engines.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-2."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +39,7 @@ class DeepSpeedBackend:
         self.cfg = cfg
         self.on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
         if self.on_cpu:
-            from ..deepspeed import skip_shm_comm_build
+            from ..engines.deepspeed import skip_shm_comm_build
 
             skip_shm_comm_build()
             cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
@@ -51,7 +51,7 @@ class DeepSpeedBackend:
         ds_cfg = deepspeed_config(cfg, self.world)
         if cfg.optimizer.name == "moga":
             from .. import MOGA, param_groups
-            from ..deepspeed import initialize
+            from ..engines.deepspeed import initialize
 
             optimizer = MOGA(param_groups(model), **dataclasses.asdict(cfg.optimizer.moga))
             self.engine = initialize(model=model, optimizer=optimizer, config=ds_cfg)[0]

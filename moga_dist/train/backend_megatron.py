@@ -1,5 +1,5 @@
 """Megatron-core backend of the training loop: a LLaMA on GPTModel (RMSNorm, SwiGLU, RoPE, GQA,
-untied head) with tensor and data parallelism from the preset, MOGA through moga_dist.megatron,
+untied head) with tensor and data parallelism from the preset, MOGA through moga_dist.engines.megatron,
 Megatron's cosine schedule, and dist_checkpointing checkpoints (reshardable across TP and DP).
 
 Megatron-core needs CUDA; on CPU only the tests drive it, after applying their own shims
@@ -19,7 +19,7 @@ from .config import RunConfig
 class MegatronBackend:
     """Megatron's replicated optimizer wrappers (engine.zero_stage = 0) or its distributed optimizer
     (engine.zero_stage = 1: fp32 main weights and momentum sharded over DP, checkpointed by
-    moga_dist.megatron_distopt in a format that reshards across TP and DP)."""
+    moga_dist.engines.megatron_distopt in a format that reshards across TP and DP)."""
 
     def __init__(self, cfg: RunConfig, allow_cpu: bool = False):
         import torch.distributed as dist
@@ -29,7 +29,7 @@ class MegatronBackend:
         p = cfg.parallel
         if p.pipeline_parallel != 1:
             raise ValueError(f"parallel.pipeline_parallel={p.pipeline_parallel}: this loop runs TP x DP only; MOGA "
-                             "itself is pipeline-agnostic (use it through moga_dist.megatron in Megatron-LM)")
+                             "itself is pipeline-agnostic (use it through moga_dist.engines.megatron in Megatron-LM)")
         if cfg.engine.zero_stage not in (0, 1):
             raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': allowed 0 "
                              "(replicated optimizer state) or 1 (Megatron's distributed optimizer, which also "
@@ -63,7 +63,7 @@ class MegatronBackend:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer import TransformerConfig
 
-        from ..megatron import get_megatron_optimizer
+        from ..engines.megatron import get_megatron_optimizer
 
         cfg, m, t = self.cfg, self.cfg.model, self.cfg.training
         bf16 = cfg.engine.bf16

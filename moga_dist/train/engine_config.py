@@ -32,7 +32,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
 
 def megatron_args(cfg: RunConfig) -> list[str]:
     """Megatron-LM `pretrain_gpt.py` flags for the preset (LLaMA: RMSNorm, SwiGLU, RoPE, GQA,
-    untied head, no biases). The optimizer itself is chosen through moga_dist.megatron."""
+    untied head, no biases). The optimizer itself is chosen through moga_dist.engines.megatron."""
     m, t, p = cfg.model, cfg.training, cfg.parallel
     args = ["--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.intermediate_size,
             "--num-attention-heads", m.num_heads, "--seq-length", m.max_seq_len,

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .collectives import sum_across
+from ..core.collectives import sum_across
 
 FORMAT = "moga_model_space"
 # Formats a Megatron-LM run may ask for; all are served as FORMAT, which reshards in every dimension.
@@ -86,7 +86,7 @@ def _subclass(base: type) -> type:
                 group.update({k: v for k, v in src.items() if k not in ("params", "step")})
                 for p in group["params"]:
                     self.optimizer.init_state(p)["step"] = step
-            self.optimizer._invalidate()
+            self.optimizer.invalidate()
             if "grad_scaler" in state_dict and self.grad_scaler:
                 self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
             if "param_state" in state_dict:

@@ -158,8 +158,11 @@ class ShardLayout:
 
     def __post_init__(self):
         object.__setattr__(self, "global_shape", tuple(int(s) for s in self.global_shape))
-        if self.tp is not None and len(self.global_shape) != 2:
-            raise ValueError(f"tensor-parallel split needs a 2-D global_shape, got {self.global_shape}")
+        # A 1-D split is a TP-sharded bias (Megatron's column-parallel layers): rows only.
+        ndim = len(self.global_shape)
+        if self.tp is not None and not (ndim == 2 or (ndim == 1 and self.tp.dim == 0)):
+            raise ValueError(f"tensor-parallel split needs a 2-D global_shape (or a 1-D one split along dim 0), "
+                             f"got global_shape={self.global_shape} split along dim {self.tp.dim}")
         if self.tp is not None:
             self.tp.local_extent(self.global_shape[self.tp.dim])
         if self.row_blocks is not None and len(self.global_shape) >= 2 \

@@ -15,9 +15,9 @@ import torch
 from . import functional as F
 from .collectives import StatReducer
 from .flat import FlatSegment
+from .tensors import FlatBuffer, Ghost, TensorRegistry, role_of
 from .layout import ShardLayout
 from .plan import build_plan
-from .registry import TensorRegistry
 from .program import StepProgram
 from .hparams import check_hparams
 from .scaling import stat_exponent, update_scales
@@ -32,7 +32,7 @@ class NonFiniteGradientError(ValueError):
     """A gradient held NaN or Inf; the step was refused and no parameter was written."""
 
 
-class MOGA(TensorRegistry, torch.optim.Optimizer):
+class MOGA(torch.optim.Optimizer):
     r"""MOGA (Xu, Li, Lu 2026), distributed-exact.
 
     For every parameter with gradient g and fp32 momentum m (state ``momentum_buffer``)::
@@ -88,11 +88,6 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             check_hparams(group, f"MOGA param group {i}")
-        self._layouts: dict[int, ShardLayout] = {}
-        self._flat: dict[int, tuple[list[FlatSegment], float]] = {}
-        self._param_options: dict[int, dict] = {}
-        self._order: dict[int, object] = {}
-        self._ghosts: list[tuple] = []
         self.reducer = StatReducer(process_groups)
         self.fused = fused
         self._suspended = False
@@ -101,7 +96,116 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         self.save_layouts = True
         self._static_cache: dict[tuple, tuple] = {}
         self._step_program: StepProgram | None = None
-        self.set_layouts(layouts or {})
+        for param, layout in (layouts or {}).items():
+            self.declare(param, layout=layout)
+
+    def add_param_group(self, param_group):
+        """torch.optim's add_param_group, remembering which tensors MOGA was given."""
+        super().add_param_group(param_group)
+        if not hasattr(self, "tensors"):        # Optimizer.__init__ adds the first groups
+            self.tensors = TensorRegistry()
+        self.tensors.known.update(id(p) for p in self.param_groups[-1]["params"])
+        self.tensors.index_names(self.param_groups)
+        self.tensors.changed()
+
+    # ----- the interface engines use ---------------------------------------------------------
+    def declare(self, tensor: torch.Tensor, *, layout: ShardLayout | None = None,
+                options: Mapping | None = None, order_key=None) -> None:
+        """Tell MOGA about one tensor of its param groups.
+
+        layout: where the local tensor sits in its global matrix (numel must match);
+        options: settings over its group's, e.g. {"role": "embedding"} where an engine's groups mix
+        roles; order_key: a key equal on every rank for the same parameter, so the reduction order
+        does not depend on which tensors a rank holds."""
+        self._check_member(tensor)
+        name = self.tensors.name_of(tensor)
+        if layout is not None:
+            if not isinstance(layout, ShardLayout):
+                raise ValueError(f"layout must be a ShardLayout, got {type(layout).__name__}")
+            if tensor.numel() != layout.local_numel:
+                raise ValueError(f"{name}: local numel {tensor.numel()} does not match its layout "
+                                 f"({layout.local_numel} elements of global {layout.global_shape})")
+            self._check_groups(layout)
+            self.tensors.layouts[id(tensor)] = layout
+        if options is not None:
+            check_hparams({**self.defaults, **options}, f"options of {name}")
+            self.tensors.options[id(tensor)] = dict(options)
+        if order_key is not None:
+            self.tensors.order[id(tensor)] = order_key
+        self.tensors.known.add(id(tensor))
+        self.invalidate()
+
+    def declare_flat_buffer(self, buffer: torch.Tensor, segments: list[FlatSegment], base_lr: float) -> None:
+        """Declare `buffer` (a 1-D tensor of the param groups) as segments of parameters, each
+        updated as its own parameter with its own layout and options; a segment's lr is
+        options["lr"] * group["lr"] / base_lr, so a schedule on the buffer's group applies."""
+        self._check_member(buffer)
+        if buffer.dim() != 1:
+            raise ValueError(f"a flat buffer must be 1-D, got shape {tuple(buffer.shape)}")
+        if not base_lr > 0:
+            raise ValueError(f"base_lr={base_lr!r}: must be > 0 (segment lrs are relative to it)")
+        for seg in segments:
+            if seg.start < 0 or seg.start + seg.numel > buffer.numel():
+                raise ValueError(f"segment {seg.name!r} [{seg.start}, {seg.start + seg.numel}) lies outside "
+                                 f"the buffer of {buffer.numel()} elements")
+            check_hparams({**self.defaults, **seg.options}, f"segment {seg.name!r}")
+            self._check_groups(seg.layout)
+        self.tensors.flat[id(buffer)] = FlatBuffer(list(segments), float(base_lr))
+        self.tensors.known.add(id(buffer))
+        self.invalidate()
+
+    def declare_ghosts(self, ghosts: list[tuple]) -> None:
+        """(order_key, ShardLayout, options) of parameters this rank holds nothing of but whose
+        statistics other ranks share (Megatron's distributed optimizer drops them from a rank's
+        groups); they contribute zeros so every rank packs the same all-reduce buffer."""
+        self.tensors.ghosts = []
+        for key, layout, options in ghosts:
+            if layout.local_numel != 0:
+                raise ValueError(f"ghost {key!r} must hold nothing locally, its layout holds {layout.local_numel}")
+            role = role_of(options, layout)
+            if role in ("hidden", "head"):
+                axis = {**self.defaults, **options}["norm"] if role == "hidden" else "row"
+                plan = build_plan(layout, axis)
+                if plan.group_slots:
+                    self.tensors.ghosts.append(Ghost(key, plan))
+        self.invalidate()
+
+    def replace_param_groups(self, groups: list[dict]) -> None:
+        """Replace the param groups with engine-owned tensors, which may be views of a buffer
+        (non-leaf, so torch's add_param_group would refuse them); missing settings take defaults."""
+        for i, group in enumerate(groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            check_hparams(group, f"MOGA param group {i}")
+            group["params"] = list(group["params"])
+        self.param_groups = groups
+        self.tensors.known.update(id(p) for g in groups for p in g["params"])
+        self.tensors.index_names(groups)
+        self.invalidate()
+
+    def set_process_group(self, key: str, group) -> None:
+        """Name a process group that layouts refer to by `key` (e.g. "tp", "dp")."""
+        self.reducer.process_groups[key] = group
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Settings, layouts, tensors or state changed outside step(): rebuild the step program."""
+        self._static_cache.clear()
+        self.tensors.changed()
+
+    def layout_of(self, tensor: torch.Tensor) -> ShardLayout:
+        """The tensor's declared layout (a whole tensor unless one was declared)."""
+        return self.tensors.layout_of(tensor)
+
+    def _check_member(self, tensor: torch.Tensor) -> None:
+        if not any(p is tensor for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"a tensor of shape {tuple(tensor.shape)} is not in this optimizer's param groups")
+
+    def _check_groups(self, layout: ShardLayout) -> None:
+        if layout.tp is not None and layout.tp.world_size > 1:
+            self.reducer.check_group(layout.tp.group, layout.tp.world_size)
+        if layout.flat is not None and len(layout.flat.ranges) > 1:
+            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges))
 
     # ----- step ------------------------------------------------------------------------------
     def _units(self):
@@ -113,16 +217,16 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise ValueError(f"{self._name(param)}: sparse gradients are not supported")
-                flat = self._flat.get(id(param))
+                    raise ValueError(f"{self.tensors.name_of(param)}: sparse gradients are not supported")
+                flat = self.tensors.flat.get(id(param))
                 if flat is None:
-                    override = self._param_options.get(id(param), {})
+                    override = self.tensors.options.get(id(param), {})
                     options = {**group, **override} if override else group
                     self._refuse_foreign(options, param)
-                    yield (param, None, options, self.layout_of(param), (id(param), -1), self._name(param),
+                    yield (param, None, options, self.layout_of(param), (id(param), -1), self.tensors.name_of(param),
                            (group, override, None))
                     continue
-                segments, base_lr = flat
+                segments, base_lr = flat.segments, flat.base_lr
                 for k, seg in enumerate(segments):
                     options = {**group, **seg.options}
                     yield (param, (seg.start, seg.numel), options, seg.layout, (id(param), k),
@@ -131,14 +235,14 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
     def _refuse_foreign(self, group: Mapping, param: torch.Tensor) -> None:
         # An engine that swapped MOGA's parameters for flat 1-D partitions (DeepSpeed ZeRO >= 1)
         # would otherwise get every matrix updated as a vector: a silent wrong update.
-        if id(param) in self._known or param.dim() >= 2 or group.get("role") in ("vector", "embedding") \
-                or id(param) in self._layouts:
+        if id(param) in self.tensors.known or param.dim() >= 2 or group.get("role") in ("vector", "embedding") \
+                or id(param) in self.tensors.layouts:
             return
         raise ValueError(
             f"MOGA was handed a 1-D tensor of {param.numel()} elements it was not constructed with "
             f"(role {group.get('role')!r}): an engine replaced the parameters with flat partitions. "
-            "Use moga_dist.deepspeed.initialize(...) for DeepSpeed ZeRO >= 1, or "
-            "moga_dist.megatron.get_megatron_optimizer(...) for Megatron's distributed optimizer.")
+            "Use moga_dist.engines.deepspeed.initialize(...) for DeepSpeed ZeRO >= 1, or "
+            "moga_dist.engines.megatron.get_megatron_optimizer(...) for Megatron's distributed optimizer.")
 
     def _static(self, options: Mapping, layout: ShardLayout, key: tuple, name: str) -> tuple:
         """Per-unit data that only changes with the settings (cached)."""
@@ -146,7 +250,7 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         cached = self._static_cache.get(key)
         if cached is not None and cached[0] == sig:
             return cached[1]
-        role = self.role_of(options, layout)
+        role = role_of(options, layout)
         matrix = layout.global_matrix_shape
         if role in ("hidden", "head") and matrix is None:
             raise ValueError(f"{name} has role {role!r} but global_shape {layout.global_shape}; "
@@ -166,7 +270,7 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         """Everything a StepProgram depends on besides lr and weight decay: which tensors (and
         their storage, dtype, contiguity) have gradients, their momentum buffers, and the
         per-group settings. Cheap: one tuple per parameter."""
-        sig: list = [self._epoch]
+        sig: list = [self.tensors.epoch]
         state = self.state
         for group in self.param_groups:
             sig.append(tuple(group.get(k) for k in _PROGRAM_KEYS))
@@ -179,11 +283,6 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
                 mom = st.get("momentum_buffer") if st else None
                 sig.append((id(p), p.data_ptr(), id(mom), g.dtype, g.is_contiguous()))
         return tuple(sig)
-
-    def _invalidate(self) -> None:
-        """Settings, layouts or state changed: rebuild the step program (and per-unit data)."""
-        self._static_cache.clear()
-        self._epoch += 1
 
     def _build_program(self) -> StepProgram:
         owned, rates = [], []
@@ -239,7 +338,7 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
         if self._suspended:
             return loss
         program = self._program()
-        if not program.pieces and not self._ghosts:     # a rank holding only ghosts still reduces
+        if not program.pieces and not self.tensors.ghosts:     # a rank holding only ghosts still reduces
             return loss
         try:
             for state in program.states:
@@ -267,15 +366,15 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
     def _reduction_items(self, program: StepProgram) -> list:
         """(plan, stats view) pairs in an order every rank agrees on; empty when nothing is shared.
         A flat buffer's segments share their owner's key and keep their order within it."""
-        items = [((self._order.get(id(owner), i), i), pc.plan, st)
+        items = [((self.tensors.order.get(id(owner), i), i), pc.plan, st)
                  for i, ((owner, _, pc), st) in enumerate(zip(program.owned, program.stats))
                  if pc.plan is not None]
-        ghosts = [plan for _, plan in self._ghosts]
+        ghosts = [g.plan for g in self.tensors.ghosts]
         program.ghost_stats = torch.zeros(sum(p.num_stats for p in ghosts)) if ghosts else None
         if ghosts:
             views = program.ghost_stats.split([p.num_stats for p in ghosts])
-            items += [((key, -1), plan, v) for (key, plan), v in zip(self._ghosts, views)]
-        if self._order:
+            items += [((g.order_key, -1), g.plan, v) for g, v in zip(self.tensors.ghosts, views)]
+        if self.tensors.order:
             items.sort(key=lambda item: item[0])
         if not any(plan.group_slots for _, plan, _ in items):
             return []
@@ -325,12 +424,12 @@ class MOGA(TensorRegistry, torch.optim.Optimizer):
             for i, (saved, p) in enumerate(zip(saved_layouts, params)):
                 mine = self.layout_of(p).to_dict()
                 if _plain(saved) != _plain(mine):
-                    raise ValueError(f"checkpoint parameter {i} ({self._name(p)}) was saved with layout "
+                    raise ValueError(f"checkpoint parameter {i} ({self.tensors.name_of(p)}) was saved with layout "
                                      f"{saved}, but this run has {mine}; reshard the checkpoint first")
         momenta = {k: v["momentum_buffer"].clone() for k, v in state_dict["state"].items()
                    if "momentum_buffer" in v}
         super().load_state_dict(state_dict)
-        self._invalidate()
+        self.invalidate()
         # torch casts state to the parameter dtype on load; MOGA keeps momentum in fp32.
         index = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(index, params):

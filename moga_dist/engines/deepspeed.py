@@ -1,7 +1,7 @@
 """DeepSpeed adapter: `initialize` is `deepspeed.initialize` with MOGA exact at ZeRO stages 0-2.
 
 All knowledge of ZeRO's flat partitions lives here: the per-parameter offsets and the partition
-size of the ZeRO optimizer become FlatSegments with FlatPartition layouts (moga_dist.flat), so the
+size of the ZeRO optimizer become FlatSegments with FlatPartition layouts (moga_dist.core.flat), so the
 core computes the unsharded update and all-reduces only statistics cut by a partition boundary.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .flat import partition_segments
-from .optimizer import MOGA
-from .param_groups import param_groups
+from ..core.flat import partition_segments
+from ..core.optimizer import MOGA
+from ..core.param_groups import param_groups
 
 SUPPORTED_STAGES = (0, 1, 2)
 _GROUP_ONLY_KEYS = ("params", "param_names")
@@ -30,7 +30,7 @@ def moga_kwargs() -> list[str]:
 
 def _load_config(config) -> dict:
     if config is None:
-        raise ValueError("moga_dist.deepspeed.initialize needs config= (a dict or a JSON file path)")
+        raise ValueError("moga_dist.engines.deepspeed.initialize needs config= (a dict or a JSON file path)")
     if isinstance(config, str | Path):
         with open(config) as fh:
             return json.load(fh)
@@ -42,7 +42,7 @@ def _load_config(config) -> dict:
 def build_optimizer(model: torch.nn.Module, block: Mapping) -> MOGA:
     """MOGA from a DeepSpeed config's {"type": "MOGA", "params": {...}} block, roles by param_groups."""
     if str(block.get("type", "")).lower() != "moga":
-        raise ValueError(f"optimizer.type={block.get('type')!r}: moga_dist.deepspeed.initialize builds only "
+        raise ValueError(f"optimizer.type={block.get('type')!r}: moga_dist.engines.deepspeed.initialize builds only "
                          "'MOGA'; pass another optimizer to deepspeed.initialize directly")
     params = dict(block.get("params", {}))
     unknown = sorted(set(params) - set(moga_kwargs()))
@@ -119,14 +119,14 @@ def _register_zero_partition(zero_opt, moga: MOGA, per_param: dict, base_lr: flo
     unknown = [tuple(p.shape) for p in params if id(p) not in per_param]
     if unknown:
         raise ValueError(f"ZeRO holds parameters MOGA was not given (shapes {unknown[:3]}); build MOGA over "
-                         "all trainable parameters, e.g. MOGA(moga_dist.param_groups(model))")
+                         "all trainable parameters, e.g. MOGA(moga_dist.core.param_groups(model))")
     options = [per_param[id(p)][0] for p in params]
     segments = partition_segments(shapes, list(zero_opt.round_robin_bit16_offsets[0]),
                                   int(zero_opt.partition_size[0]), dist.get_rank(group),
                                   dist.get_world_size(group), [per_param[id(p)][1] for p in params], options,
                                   [per_param[id(p)][2] for p in params])
-    moga.reducer.process_groups["dp"] = group
-    moga.register_flat_buffer(zero_opt.single_partition_of_fp32_groups[0], segments, base_lr)
+    moga.set_process_group("dp", group)
+    moga.declare_flat_buffer(zero_opt.single_partition_of_fp32_groups[0], segments, base_lr)
 
 
 def skip_shm_comm_build() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import functional as F
-from . import kernels
+from ..kernels import cpu as kernels
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from ..kernels import cpu as kernels
 from .plan import Plan
 
 

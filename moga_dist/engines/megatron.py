@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import torch
 
 from . import megatron_distopt
-from .layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
-from .optimizer import MOGA
+from ..core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+from ..core.optimizer import MOGA
 
 _ADAM_ONLY = ("betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
               "bias_correction", "decoupled_weight_decay", "adam_w_mode")
@@ -55,7 +55,7 @@ def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, Param
             else:
                 role = "hidden" if p.dim() >= 2 else "vector"
             out[id(p)] = ParamInfo(len(out), name, role,
-                                   ShardLayout(global_shape, tp=tp if p.dim() == 2 else None, row_blocks=blocks))
+                                   ShardLayout(global_shape, tp=tp, row_blocks=blocks))
     return out
 
 
@@ -168,10 +168,10 @@ def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -
         process_groups["dp"] = dp_group
     # Megatron's shards may be views (non-leaf): adopt them as its own wrappers do for Adam.
     moga = MOGA([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups=process_groups)
-    moga.adopt_param_groups(groups)
-    moga.set_layouts(layouts)
-    moga.set_param_options(options)
-    moga.set_global_order(order, ghosts)
+    moga.replace_param_groups(groups)
+    for tensor, layout in layouts.items():
+        moga.declare(tensor, layout=layout, options=options[tensor], order_key=order[tensor])
+    moga.declare_ghosts(ghosts)
     # Megatron's sharded checkpoints map state to each parameter's global sharding and reshard it
     # (TP=2 -> TP=1 works); a per-rank layout record would be wrong there.
     moga.save_layouts = False
@@ -197,7 +197,7 @@ class _RegistryMOGA(MOGA):
     def __init__(self, param_groups, param_info: dict, tp_group, settings: Mapping):
         groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in param_groups]
         super().__init__([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups={"tp": tp_group})
-        self.adopt_param_groups(groups)
+        self.replace_param_groups(groups)
         missing = [tuple(p.shape) for g in self.param_groups for p in g["params"] if id(p) not in param_info]
         if missing:
             raise ValueError(f"MOGA got tensors that are not the model's parameters (shapes {missing[:3]}); "
@@ -208,25 +208,24 @@ class _RegistryMOGA(MOGA):
         self.save_layouts = False
 
     def _register(self, pairs: list[tuple[torch.Tensor, ParamInfo]]) -> None:
-        # The order entries go in first: the setters below invalidate the step program.
-        self._known.update(id(p) for p, _ in pairs)
-        self._order.update({id(p): info.key for p, info in pairs})
-        self.set_layouts({p: info.layout for p, info in pairs})
-        self.set_param_options({p: {"role": info.role} for p, info in pairs})
+        for p, info in pairs:
+            self.declare(p, layout=info.layout, options={"role": info.role}, order_key=info.key)
+        self._declared = {id(p) for g in self.param_groups for p in g["params"]}
 
-    def _build_program(self):
+    def step(self, closure=None):
+        """MOGA's step, after declaring the fp32 main copies Megatron's Float16 wrapper swapped in."""
         moved = [(p, info) for g, infos in zip(self.param_groups, self._slots)
-                 for p, info in zip(g["params"], infos) if id(p) not in self._layouts]
+                 for p, info in zip(g["params"], infos) if id(p) not in self._declared]
         if moved:
             self._register(moved)
-        return super()._build_program()
+        return super().step(closure)
 
 
 def register(name: str = "moga", settings: Mapping | None = None) -> bool:
     """Register MOGA under `name` in megatron-core 0.17+'s emerging-optimizer registry, so that
     Megatron's own get_megatron_optimizer accepts OptimizerConfig(optimizer="moga") (for every
     parameter: MOGA has its own rules for embeddings, head and vectors). Returns False where the
-    registry does not exist (0.16: use moga_dist.megatron.get_megatron_optimizer)."""
+    registry does not exist (0.16: use moga_dist.engines.megatron.get_megatron_optimizer)."""
     try:
         import megatron.core.optimizer as mopt
         from megatron.core.optimizer.emerging_optimizers import EmergingOptimizerEntry, _EMERGING_OPTIMIZERS

@@ -12,6 +12,7 @@ import torch
 from .config import RunConfig
 from .engine_config import deepspeed_config
 from .loop import cpu_threads
+from .safe_load import safe_checkpoint_engine
 
 
 def build_model(m) -> torch.nn.Module:
@@ -57,6 +58,8 @@ class DeepSpeedBackend:
             self.engine = initialize(model=model, optimizer=optimizer, config=ds_cfg)[0]
         else:
             self.engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)[0]
+        # DeepSpeed's own engine unpickles with weights_only=False: a checkpoint file could run code.
+        self.engine.checkpoint_engine = safe_checkpoint_engine(self.engine.checkpoint_engine)
 
     def layout_meta(self) -> dict:
         """Fields a resume must match: ZeRO files are per rank, so the world size must not change."""
@@ -87,8 +90,23 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def save(self, directory: Path) -> None:
+    def skipped_steps(self) -> int:
+        """Steps DeepSpeed skipped (its overflow check found non-finite gradients); restored on resume."""
+        return int(self.engine.skipped_steps)
+
+    def state_finite(self) -> bool:
+        """This rank's weights and optimizer state (momentum) hold no NaN/Inf."""
+        opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        tensors = [p.detach() for p in self.engine.module.parameters()]
+        tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+    def save(self, directory: Path) -> list[str]:
+        """Write this rank's files; returns its write errors (collected, not raised mid-save, so
+        every rank reaches DeepSpeed's closing barrier)."""
+        self.engine.checkpoint_engine.write_errors.clear()
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        return list(self.engine.checkpoint_engine.write_errors)
 
     def load(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory.parent), tag=directory.name)

@@ -51,6 +51,7 @@ class MegatronBackend:
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.dp_rank, self.dp_world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.model, self.ddp, self.optimizer, self.scheduler = self._build()
+        self.skipped = 0
         seq = cfg.model.max_seq_len - 1          # windows of max_seq_len tokens: inputs and shifted labels
         self.mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
         self.positions = torch.arange(seq).unsqueeze(0)
@@ -129,9 +130,10 @@ class MegatronBackend:
             losses.append(loss.item())
         finalize_model_grads([self.ddp])
         ok, _, _ = self.optimizer.step()
-        if not ok:
-            raise ValueError(f"step {step}: Megatron skipped the optimizer step (non-finite gradients)")
-        self.scheduler.step(increment=1)
+        if ok:
+            self.scheduler.step(increment=1)
+        else:                   # non-finite gradients: counted against training.max_skipped_steps
+            self.skipped += 1
         return losses
 
     def eval_losses(self, corpus) -> list[float]:
@@ -149,10 +151,24 @@ class MegatronBackend:
         msd = self.model.sharded_state_dict()
         return {"model": msd, "optimizer": self.optimizer.sharded_state_dict(msd, is_loading=loading)}
 
-    def save(self, directory: Path) -> None:
+    def skipped_steps(self) -> int:
+        """Steps the optimizer skipped in this process (non-finite gradients)."""
+        return self.skipped
+
+    def state_finite(self) -> bool:
+        """This rank's weights and optimizer state hold no NaN/Inf."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", opt)
+            tensors += [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+    def save(self, directory: Path) -> list[str]:
+        """Write the distributed checkpoint; raises on a failed write (no per-rank error list)."""
         from megatron.core import dist_checkpointing
 
         dist_checkpointing.save({**self._sharded(False), "scheduler": self.scheduler.state_dict()}, str(directory))
+        return []
 
     def load(self, directory: Path) -> None:
         from megatron.core import dist_checkpointing

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -74,6 +76,7 @@ class TrainingConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8
+    max_skipped_steps: int = 0       # steps the engine may skip (non-finite gradients) before the job stops
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,23 +123,50 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+def _typed(value, hint, key: str):
+    """`value` checked against a field's type (TOML ints are accepted for floats); ValueError
+    naming the key, the value and the expected type otherwise."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            args = typing.get_args(option)
+            if len(value) == len(args):
+                return tuple(_typed(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    allowed = " or ".join(_TYPE_NAMES.get(o, str(o)) for o in options)
+    raise ValueError(f"{key}={value!r}: expected {allowed}, got {type(value).__name__}"
+                     + (" (write numbers and booleans without quotes)" if isinstance(value, str) else ""))
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "nothing"}
+
+
 def _build(cls, data: dict, where: str):
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in [{where or 'top level'}]; allowed: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         f = known[name]
+        key = f"{where}.{name}".strip(".")
         sub = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
         if sub is not None:
             if not isinstance(value, dict):
-                raise ValueError(f"[{where}.{name}] must be a table, got {value!r}")
-            kwargs[name] = _build(sub, value, f"{where}.{name}".strip("."))
+                raise ValueError(f"[{key}] must be a table, got {value!r}")
+            kwargs[name] = _build(sub, value, key)
         else:
-            if isinstance(value, list):
-                value = tuple(value)
-            kwargs[name] = value
+            kwargs[name] = _typed(value, hints[name], key)
     return cls(**kwargs)
 
 
@@ -156,8 +186,13 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a preset and apply `section.key=value` overrides; unknown keys raise ValueError."""
     data: dict = {}
     if path is not None:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ValueError(f"--config {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -184,6 +219,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage}; allowed: 0, 1, 2")
     if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise ValueError("training.steps, micro_batch_size and global_batch_size must be >= 1")
+    if t.max_skipped_steps < 0:
+        raise ValueError(f"training.max_skipped_steps={t.max_skipped_steps}; allowed: >= 0")
     if m.vocab_size < 256 and cfg.data.corpus:
         raise ValueError(f"model.vocab_size={m.vocab_size}: the byte-level tokenizer needs >= 256")
     p = cfg.parallel

@@ -4,13 +4,16 @@ optimizer, a step, save/load) are a backend: backend_deepspeed.py or backend_meg
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from .. import NonFiniteGradientError
 from . import checkpoint
 from .config import RunConfig, accumulation_steps, as_dict
 from .data import ByteCorpus
@@ -41,29 +44,53 @@ def make_backend(cfg: RunConfig):
     return DeepSpeedBackend(cfg)
 
 
-def run(cfg: RunConfig, backend=None) -> dict:
-    """Train per `cfg`; returns (and rank 0 prints and saves) a summary."""
+class TrainingDiverged(RuntimeError):
+    """The run stopped: a non-finite loss, weights or momentum, or more skipped steps than allowed."""
+
+
+def _agree(values: list[float], world: int) -> list[float]:
+    """Element-wise max over ranks (every rank gets the same verdict)."""
     import torch.distributed as dist
 
-    backend = backend or make_backend(cfg)
-    rank, world = backend.rank, backend.world
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(f"moga_dist.train: {text}", file=sys.stderr, flush=True)
+
+
+def run(cfg: RunConfig, backend=None) -> dict:
+    """Train per `cfg`; returns (and rank 0 prints and saves) a summary. Raises ValueError for bad
+    input (config, corpus, checkpoints, a failed write) and TrainingDiverged, on every rank alike."""
     t = cfg.training
-    accum = accumulation_steps(cfg, backend.dp_world)
     out = Path(cfg.output_dir)
     ckpt_dir, log_dir = out / "checkpoints", out / "tensorboard"
+    if checkpoint.has_checkpoints(ckpt_dir) and not cfg.checkpoint.resume:
+        raise ValueError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: refusing to "
+                         "overwrite them. Resume them, or set output_dir to a new directory")
+    # Read the corpus before the engine: a bad path fails in a second, not after the build.
+    corpus = ByteCorpus(cfg.data.corpus, cfg.model.max_seq_len, cfg.data.val_fraction, t.seed)
+    backend = backend or make_backend(cfg)
+    rank, world = backend.rank, backend.world
+    group = checkpoint.Group(rank, world)
+    accum = accumulation_steps(cfg, backend.dp_world)
     meta = {"model": as_dict(cfg.model), "optimizer_name": cfg.optimizer.name, **backend.layout_meta(),
             "config": as_dict(cfg)}
-    tag = checkpoint.latest_tag(ckpt_dir)
-    if tag and not cfg.checkpoint.resume:
-        raise ValueError(f"{ckpt_dir} already holds checkpoint {tag!r} and checkpoint.resume=false: refusing to "
-                         "overwrite it. Resume it, or set output_dir to a new directory")
+    resume = checkpoint.find_resume(ckpt_dir, group)
+    for note in resume.notes:
+        _say(rank, note)
+    tag = resume.tag
     start, last_loss = 0, float("nan")
     if tag:
         saved = checkpoint.check_compatible(ckpt_dir, tag, meta)
         backend.load(ckpt_dir / tag)
         start, last_loss = int(saved["step"]), float(saved.get("train_loss", float("nan")))
-    corpus = ByteCorpus(cfg.data.corpus, cfg.model.max_seq_len, cfg.data.val_fraction, t.seed)
-    barrier = dist.barrier if world > 1 else (lambda: None)
+    skipped_at_start = backend.skipped_steps()
+    notes = list(resume.notes)
 
     writer = bar = None
     if rank == 0:
@@ -79,19 +106,39 @@ def run(cfg: RunConfig, backend=None) -> dict:
         val_loss = _mean(backend.eval_losses(corpus), world)
     for step in range(start, end):
         t0 = time.perf_counter()
-        losses = backend.train_step(step, accum, corpus)
+        try:
+            losses = backend.train_step(step, accum, corpus)
+        except NonFiniteGradientError as exc:
+            raise TrainingDiverged(f"step {step + 1}: MOGA refused the step ({exc}); stopped. The last "
+                                   f"checkpoint, {last_tag or 'none'}, is kept") from None
         elapsed = time.perf_counter() - t0
         if step > start:                       # the first step pays for kernel builds and caches
             timed_steps, timed_seconds = timed_steps + 1, timed_seconds + elapsed
         done = step + 1
+        bad_loss, skipped = _agree([float(not all(math.isfinite(v) for v in losses)),
+                                    float(backend.skipped_steps() - skipped_at_start)], world)
+        if bad_loss:
+            raise TrainingDiverged(f"step {done}: non-finite training loss; stopped. The last checkpoint, "
+                                   f"{last_tag or 'none'}, is kept (lower optimizer.*.lr?)")
+        if skipped > t.max_skipped_steps:
+            raise TrainingDiverged(f"step {done}: the engine skipped {int(skipped)} steps (non-finite gradients) "
+                                   f"since step {start}, more than training.max_skipped_steps="
+                                   f"{t.max_skipped_steps}; stopped. The last checkpoint, {last_tag or 'none'}, "
+                                   "is kept (lower optimizer.*.lr?)")
         loss_now = _mean(losses, world) if done % t.log_every == 0 or done == end else None
         if loss_now is not None:
             last_loss = loss_now
         if done % t.eval_every == 0 or done == end:
             val_loss = _mean(backend.eval_losses(corpus), world)
         if done % cfg.checkpoint.every == 0 or done == end:
-            last_tag = checkpoint.save(backend.save, ckpt_dir, done, {**meta, "train_loss": last_loss},
-                                       cfg.checkpoint.keep, rank == 0, barrier)
+            if _agree([float(not backend.state_finite())], world)[0]:
+                raise TrainingDiverged(f"step {done}: weights or optimizer state hold NaN/Inf; not writing this "
+                                       f"checkpoint. The last checkpoint, {last_tag or 'none'}, is kept")
+            last_tag, moved = checkpoint.save(backend.save, ckpt_dir, done, {**meta, "train_loss": last_loss},
+                                              cfg.checkpoint.keep, group)
+            for note in moved:
+                _say(rank, note)
+            notes += moved
         if rank == 0:
             tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else 0.0
             if loss_now is not None:
@@ -107,7 +154,8 @@ def run(cfg: RunConfig, backend=None) -> dict:
                "engine": cfg.parallel.engine, "optimizer": cfg.optimizer.name, "layout": backend.describe(),
                "final_train_loss": last_loss, "val_loss": val_loss,
                "tokens_per_s": tokens_per_step * timed_steps / timed_seconds if timed_seconds else float("nan"),
-               "checkpoint": str(ckpt_dir / last_tag) if last_tag else None, "tensorboard": str(log_dir)}
+               "checkpoint": str(ckpt_dir / last_tag) if last_tag else None, "tensorboard": str(log_dir),
+               "checkpoint_notes": notes}
     if rank == 0:
         bar.close()
         writer.close()

@@ -8,6 +8,11 @@ train/, bench/, sweep/  recipes: the training job, benchmarks and width-transfer
 from .core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
 from .core.optimizer import MOGA, NonFiniteGradientError
 from .core.param_groups import assign_roles, param_groups
+from .engines.deepspeed import install as _install_deepspeed
+
+# deepspeed.initialize (own script, HF Trainer, Accelerate) puts MOGA exactly inside its ZeRO wrappers;
+# DeepSpeed is not imported here, the patch waits for it.
+_install_deepspeed()
 
 __version__ = "0.1.0"
 __all__ = ["MOGA", "NonFiniteGradientError", "param_groups", "assign_roles", "ShardLayout",

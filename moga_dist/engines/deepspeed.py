@@ -1,25 +1,31 @@
-"""DeepSpeed adapter: `initialize` is `deepspeed.initialize` with MOGA exact at ZeRO stages 0-2.
+"""DeepSpeed adapter: `deepspeed.initialize(optimizer=MOGA(...))` is exact MOGA at ZeRO stages 0-2.
 
-All knowledge of ZeRO's flat partitions lives here: the per-parameter offsets and the partition
-size of the ZeRO optimizer become FlatSegments with FlatPartition layouts (moga_dist.core.flat), so the
-core computes the unsharded update and all-reduces only statistics cut by a partition boundary.
+`install` (run when moga_dist is imported) wraps DeepSpeedEngine._configure_optimizer, the one
+place every route into DeepSpeed passes (own script, Hugging Face Trainer, Accelerate): settings
+that cannot be exact are refused there, naming the config key, and MOGA is told which tensors of
+the wrapper DeepSpeed built stand for which parameters (deepspeed_wrappers.py).
 """
 from __future__ import annotations
 
 import copy
+import functools
+import gc
+import importlib.abc
+import importlib.util
 import inspect
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..core.flat import partition_segments
 from ..core.optimizer import MOGA
 from ..core.param_groups import param_groups
+from .deepspeed_wrappers import adopt, describe, merge_groups
 
 SUPPORTED_STAGES = (0, 1, 2)
-_GROUP_ONLY_KEYS = ("params", "param_names")
+_ENGINE_MODULE = "deepspeed.runtime.engine"
 
 
 def moga_kwargs() -> list[str]:
@@ -55,19 +61,13 @@ def initialize(*, model: torch.nn.Module, optimizer: MOGA | None = None, config=
     """Same arguments and return value as `deepspeed.initialize` (engine, optimizer, dataloader,
     lr_scheduler); MOGA comes from `optimizer=` or from config["optimizer"] = {"type": "MOGA", ...}.
 
-    ZeRO 1/2: MOGA's param groups are merged into one DeepSpeed group (so ZeRO calls step() once
-    per step and all shared statistics travel in one all-reduce); each parameter keeps its role and
-    settings, and lrs keep their ratio to the scheduled lr. ZeRO-3 is refused.
-    """
+    Kept for existing jobs: plain `deepspeed.initialize` is exact too once moga_dist is imported
+    (see `install`). This wrapper adds only the refusal of a MOGA given both ways."""
     import deepspeed
 
+    install()
     cfg = _load_config(config)
     block = cfg.pop("optimizer", None)
-    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    if stage not in SUPPORTED_STAGES:
-        raise ValueError(f"zero_optimization.stage={stage}: MOGA supports ZeRO stages {SUPPORTED_STAGES}. "
-                         "Under ZeRO-3 parameters are partitioned before the optimizer sees them and exact "
-                         "row statistics are not implemented yet; use stage 2")
     if optimizer is None:
         if block is None:
             raise ValueError("no MOGA given: pass optimizer=MOGA(...) or config['optimizer'] = "
@@ -78,55 +78,131 @@ def initialize(*, model: torch.nn.Module, optimizer: MOGA | None = None, config=
                          "ignore the config block. Keep one")
     if not isinstance(optimizer, MOGA):
         raise ValueError(f"optimizer must be a moga_dist.MOGA, got {type(optimizer).__name__}")
-    cfg.setdefault("zero_allow_untested_optimizer", True)
-
-    merged = _merge_groups(optimizer) if stage >= 1 else None
-    # DeepSpeed's wrappers call step() once with zero gradients while setting up; with decoupled
-    # weight decay that would move the weights.
-    with optimizer.suspended():
-        engine, ds_optimizer, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                       config=cfg, **kwargs)
-    if merged is not None:
-        _register_zero_partition(engine.optimizer, optimizer, *merged)
-    return engine, ds_optimizer, loader, scheduler
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, **kwargs)
 
 
-def _merge_groups(moga: MOGA):
-    """Fold all groups into one, remembering each parameter's options, name and layout."""
-    base_lr = float(moga.param_groups[0]["lr"])
-    per_param = {}
-    for group in moga.param_groups:
-        options = {k: v for k, v in group.items() if k not in _GROUP_ONLY_KEYS}
-        names = group.get("param_names") or [None] * len(group["params"])
-        for p, name in zip(group["params"], names):
-            per_param[id(p)] = (options, name or f"param{len(per_param)}", moga.layout_of(p))
-    params = [p for g in moga.param_groups for p in g["params"]]
-    moga.param_groups = [{**moga.defaults, "params": params, "lr": base_lr}]
-    return per_param, base_lr
+def install() -> None:
+    """Make `deepspeed.initialize` put MOGA exactly inside whatever DeepSpeed builds around it.
+
+    Called when moga_dist is imported, so a user's own `deepspeed.initialize(optimizer=MOGA(...))`,
+    the Hugging Face Trainer and Accelerate need nothing else; idempotent. Does not import
+    DeepSpeed: if it is not imported yet, the patch is applied when it is."""
+    module = sys.modules.get(_ENGINE_MODULE)
+    if module is not None:
+        _patch(module)
+    elif not any(isinstance(f, _PatchWhenImported) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchWhenImported())
 
 
-def _register_zero_partition(zero_opt, moga: MOGA, per_param: dict, base_lr: float) -> None:
-    import torch.distributed as dist
+class _PatchWhenImported(importlib.abc.MetaPathFinder):
+    """Patches deepspeed.runtime.engine as soon as it has been executed (a post-import hook)."""
 
-    if not hasattr(zero_opt, "single_partition_of_fp32_groups"):
-        raise ValueError(f"unexpected DeepSpeed optimizer {type(zero_opt).__name__}: expected ZeRO stage 1/2")
-    if len(zero_opt.single_partition_of_fp32_groups) != 1:
-        raise ValueError("expected one ZeRO param group after merging MOGA's groups, got "
-                         f"{len(zero_opt.single_partition_of_fp32_groups)}")
-    group = zero_opt.real_dp_process_group[0]
-    params = zero_opt.round_robin_bit16_groups[0]
-    shapes = [tuple(m.shape) for m in zero_opt.round_robin_bit16_meta[0]]
-    unknown = [tuple(p.shape) for p in params if id(p) not in per_param]
-    if unknown:
-        raise ValueError(f"ZeRO holds parameters MOGA was not given (shapes {unknown[:3]}); build MOGA over "
-                         "all trainable parameters, e.g. MOGA(moga_dist.core.param_groups(model))")
-    options = [per_param[id(p)][0] for p in params]
-    segments = partition_segments(shapes, list(zero_opt.round_robin_bit16_offsets[0]),
-                                  int(zero_opt.partition_size[0]), dist.get_rank(group),
-                                  dist.get_world_size(group), [per_param[id(p)][1] for p in params], options,
-                                  [per_param[id(p)][2] for p in params])
-    moga.set_process_group("dp", group)
-    moga.declare_flat_buffer(zero_opt.single_partition_of_fp32_groups[0], segments, base_lr)
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _ENGINE_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def execute_and_patch(module):
+            execute(module)
+            _patch(module)
+
+        spec.loader.exec_module = execute_and_patch
+        return spec
+
+
+def _patch(engine_module) -> None:
+    engine_cls = engine_module.DeepSpeedEngine
+    if getattr(engine_cls, "_moga_patched", False):
+        return
+    for name in ("_configure_optimizer", "_is_supported_optimizer"):
+        if not callable(getattr(engine_cls, name, None)):
+            raise ImportError(f"moga_dist cannot put MOGA inside this DeepSpeed ({engine_module.__file__}): "
+                              f"DeepSpeedEngine.{name} is missing; use deepspeed==0.19.8 (pyproject's deepspeed extra)")
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    # Exact at ZeRO 1/2 through this adapter, so DeepSpeed need not ask for zero_allow_untested_optimizer.
+    if MOGA not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MOGA)
+    configure, supported = engine_cls._configure_optimizer, engine_cls._is_supported_optimizer
+
+    @functools.wraps(configure)
+    def _configure_optimizer(engine, client_optimizer, model_parameters):
+        return configure_optimizer(engine, configure, client_optimizer, model_parameters)
+
+    @functools.wraps(supported)
+    def _is_supported_optimizer(engine, optimizer_name):
+        return str(optimizer_name).lower() == "moga" or supported(engine, optimizer_name)
+
+    engine_cls._configure_optimizer = _configure_optimizer
+    engine_cls._is_supported_optimizer = _is_supported_optimizer
+    engine_cls._moga_patched = True
+
+
+def configure_optimizer(engine, configure, client_optimizer, model_parameters) -> None:
+    """DeepSpeedEngine._configure_optimizer with MOGA mapped into the wrapper DeepSpeed builds.
+
+    Everything that cannot be exact is refused here, inside `deepspeed.initialize`, naming the
+    config key; a MOGA over this model that DeepSpeed was not given is refused too."""
+    if client_optimizer is not None and not isinstance(client_optimizer, torch.optim.Optimizer):
+        client_optimizer = client_optimizer(model_parameters)     # DeepSpeed's rule for a callable
+    if client_optimizer is None and str(engine.optimizer_name()).lower() == "moga":
+        client_optimizer = build_optimizer(engine.module, {"type": "MOGA", "params": engine.optimizer_params() or {}})
+    if not isinstance(client_optimizer, MOGA):
+        configure(engine, client_optimizer, model_parameters)
+        _refuse_bypassed_moga(engine)
+        return
+    moga = client_optimizer
+    check_config(engine)
+    specs = describe(moga, engine.module)
+    if engine.zero_optimization_stage() >= 1:
+        merge_groups(moga, specs)
+    # DeepSpeed's wrappers may call step() once with zero gradients while setting up; with
+    # decoupled weight decay that would move the weights and count a step.
+    with moga.suspended():
+        configure(engine, moga, model_parameters)
+    adopt(engine.optimizer, moga, specs)
+
+
+def check_config(engine) -> None:
+    """Refuse, naming the config key, every DeepSpeed setting under which MOGA is not exact."""
+    stage = engine.zero_optimization_stage()
+    if stage not in SUPPORTED_STAGES:
+        raise ValueError(f"zero_optimization.stage={stage}: MOGA through DeepSpeed supports ZeRO stages "
+                         f"{SUPPORTED_STAGES}; under ZeRO-3 parameters are partitioned before the optimizer "
+                         "sees them. Use stage 2")
+    refused = [("fp16.enabled", engine.fp16_enabled(), "use bf16 (fp16 loss scaling is not verified with MOGA)"),
+               ("zero_optimization.offload_optimizer", engine.zero_offload_optimizer() is not None
+                and str(getattr(engine.zero_offload_optimizer(), "device", "none")).split(".")[-1] != "none",
+                "MOGA steps on the device; remove the offload block"),
+               ("zero_optimization.zenflow", engine.zenflow_config() is not None, "remove it"),
+               ("torch_autocast.enabled", engine.torch_autocast_enabled(), "use bf16.enabled instead"),
+               ("bf16.bf16_master_weights_and_grads", engine.bf16_master_weights_and_gradients(),
+                "MOGA keeps fp32 master weights; set it to false"),
+               ("bf16.bf16_optimizer_states", engine.bf16_optimizer_states(), "set it to false")]
+    for key, bad, advice in refused:
+        if bad:
+            raise ValueError(f"{key}={bad!r} is not supported with MOGA: {advice}")
+
+
+def _refuse_bypassed_moga(engine) -> None:
+    """DeepSpeed built its engine with another optimizer while a MOGA over this model's
+    parameters is alive: the silent swap the Trainer's `optimizers=(MOGA(...), None)` causes."""
+    if engine.basic_optimizer is None:
+        return
+    model = {id(p) for p in engine.module.parameters()}
+    for obj in gc.get_objects():
+        if isinstance(obj, MOGA) and obj is not engine.basic_optimizer \
+                and any(id(p) in model for g in obj.param_groups for p in g["params"]):
+            raise ValueError(
+                f"DeepSpeed is building its engine with {type(engine.basic_optimizer).__name__}, but a MOGA over "
+                "this model's parameters exists and was not handed to deepspeed.initialize. The Hugging Face "
+                "Trainer discards Trainer(optimizers=(MOGA(...), None)) under DeepSpeed: pass "
+                "optimizer_cls_and_kwargs=(MOGA, {...}) or override create_optimizer() instead (docs/deepspeed.md). "
+                "If the other optimizer is intended, delete the MOGA first")
 
 
 def skip_shm_comm_build() -> None:

@@ -1,0 +1,20 @@
+"""A user's own `deepspeed.initialize(model=..., optimizer=MOGA(...), config=...)`, no moga_dist
+wrapper: final weights equal single-process MOGA on the same global batches (fp32: 1e-5 relative;
+bf16: the bound in deepspeed_cases.compare_bf16), with gradient accumulation 2 and clipping."""
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from deepspeed_cases import plain  # noqa: E402
+from dist_utils import spawn  # noqa: E402
+
+FAST = {(2, 2, False, False)}
+CASES = [(world, stage, bf16, False) for world in (2, 3) for stage in (1, 2) for bf16 in (False, True)]
+CASES += [(2, 0, True, False), (3, 1, True, True)]      # ZeRO-0 bf16 set-up step; BF16_Optimizer
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,stage,bf16,grad_accum_fp32", [
+    pytest.param(*case, marks=() if case in FAST else pytest.mark.slow) for case in CASES])
+def test_plain_deepspeed_initialize_is_exact_moga(world, stage, bf16, grad_accum_fp32):
+    spawn(world, plain, stage, bf16, grad_accum_fp32)

@@ -83,7 +83,7 @@ def stat_ids(spec, norm, idx_piece):
     return blocks[rows] * d_in + cols
 
 
-def run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups):
+def run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups, backend="auto"):
     t, d = rank % tp_world, rank // tp_world
     gen = torch.Generator().manual_seed(1234)
     inits = [torch.randn(s.shape, generator=gen) for s in specs]
@@ -112,7 +112,7 @@ def run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups):
     def groups_for(params):
         return [{"params": [p], "role": s.role} for p, s in zip(params, specs)]
 
-    sharded = MOGA(groups_for(local), norm=norm, **HP, layouts=layouts, process_groups=groups)
+    sharded = MOGA(groups_for(local), norm=norm, **HP, layouts=layouts, process_groups=groups, backend=backend)
     reference = MOGA(groups_for(full), norm=norm, **HP, layouts=whole)
     for step in grads:
         for i, (spec, g) in enumerate(zip(specs, step)):
@@ -151,15 +151,18 @@ def run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups):
             mine = set().union(*(touched[(tt, d)] for tt in range(tp_world)))
             expected["tp"] += sum(1 for s in mine if sum(s in x for x in tp_local) > 1)
     counter = sharded.reducer.counter
+    declared = {"tp": tp_world > 1, "dp": dp_world > 1}
     for key, n in expected.items():
         assert counter.payload_bytes.get(key, 0) == 4 * n * STEPS, (name, norm, key, dict(counter.payload_bytes), n)
-        assert counter.calls.get(key, 0) == (STEPS if n else 0), (name, norm, key, dict(counter.calls))
-        # plus one fp32 slot per collective: the non-finite verdict that makes ranks refuse together
-        assert counter.flag_bytes.get(key, 0) == (4 * STEPS if n else 0), (name, norm, key, dict(counter.flag_bytes))
+        # One collective per declared group per step, even with nothing shared: it carries the
+        # non-finite verdict (one fp32 slot), so ranks refuse together and none is left waiting.
+        assert counter.calls.get(key, 0) == (STEPS if declared[key] else 0), (name, norm, key, dict(counter.calls))
+        assert counter.flag_bytes.get(key, 0) == (4 * STEPS if declared[key] else 0), \
+            (name, norm, key, dict(counter.flag_bytes))
     return expected
 
 
-def worker(rank, world, results=None):
+def worker(rank, world, backend="auto"):
     world_group = dist.new_group(list(range(world)))
     grid = {}
     if world == 4:   # Megatron order: TP ranks adjacent
@@ -175,7 +178,7 @@ def worker(rank, world, results=None):
         groups = grid if (tp_world > 1 and dp_world > 1) else \
             ({"tp": world_group} if tp_world > 1 else {"dp": world_group})
         for norm in ("row", "col"):
-            run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups)
+            run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups, backend)
 
 
 def nonfinite_on_one_rank(rank, world):

@@ -25,7 +25,8 @@ def _run(shapes_roles, hparams, fused, dtype=torch.float32, zero_rows=False, lay
     params = [torch.nn.Parameter(x.to(dtype, copy=True)) for x in inits]
     groups = [{"params": [p], "role": role, "param_names": [f"p{i}"]}
               for i, (p, (_, role)) in enumerate(zip(params, shapes_roles))]
-    opt = MOGA(groups, fused=fused, **hparams,
+    backend = fused if isinstance(fused, str) else ("auto" if fused else "torch")
+    opt = MOGA(groups, backend=backend, **hparams,
                layouts={params[i]: lay for i, lay in (layouts or {}).items()})
     ref = [(x.double(), torch.zeros_like(x, dtype=torch.float64)) for x in inits]
     for step in grads:
@@ -68,7 +69,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@pytest.mark.parametrize("fused", [True, False, "triton"], ids=["fused", "loop", "triton"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_float64_reference(case, fused):
     got, want, init = _run(SHAPES, CASES[case], fused)
@@ -85,24 +86,26 @@ def test_zero_rows_and_columns_give_zero_update_not_nan(norm):
         assert torch.equal(got[0][1].double(), init[0][1])
 
 
-def test_column_variant_normalizes_each_fused_block_with_its_own_d_out():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_column_variant_normalizes_each_fused_block_with_its_own_d_out(backend):
     qkv = RowBlocks.qkv(num_query_groups=2, heads_per_group=3, head_dim=4)  # 2*(3+2)*4 = 40 rows
     gate_up = RowBlocks.fused(6, 6)
     shapes = [((40, 12), "hidden"), ((12, 9), "hidden")]
     layouts = {0: ShardLayout((40, 12), row_blocks=qkv), 1: ShardLayout((12, 9), row_blocks=gate_up)}
-    got, want, init = _run(shapes, dict(lr=0.02, norm="col"), True, layouts=layouts)
+    got, want, init = _run(shapes, dict(lr=0.02, norm="col"), backend, layouts=layouts)
     _assert_close(got, want, init, rtol_update=2e-5)
     # and it differs from treating the fused weight as one block
     plain, _, _ = _run(shapes, dict(lr=0.02, norm="col"), True)
     assert (plain[0] - got[0]).abs().max() > 1e-4
 
 
-def test_bf16_params_keep_fp32_momentum():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bf16_params_keep_fp32_momentum(backend):
     # Stated tolerance: the oracle rounds to bf16 after each step as the parameter does; the two
     # may land on different sides of a rounding boundary once, and that one-ulp gap carries on,
     # so each element agrees to two bf16 ulps (2^-6 relative) of the largest magnitude it can
     # have passed through: max(|W_0|, |W_k|) + k*lr (a sign update moves it by lr per step).
-    got, want, init = _run(SHAPES, dict(lr=0.02), True, dtype=torch.bfloat16)
+    got, want, init = _run(SHAPES, dict(lr=0.02), backend, dtype=torch.bfloat16)
     for g, w, x in zip(got, want, init):
         assert g.dtype == torch.bfloat16
         assert ((g.double() - w).abs() <= 2 ** -6 * (torch.maximum(w.abs(), x.abs()) + STEPS * 0.02)).all()

@@ -1,9 +1,10 @@
-"""The only module that talks to torch.distributed: summing partial statistics across ranks.
+"""The core's collectives: summing partial statistics (and the non-finite verdict) across ranks.
 
 All slots of one step that need the same process group are packed into one buffer and summed
 with one all_reduce; flat-partition (data-parallel) groups go first, tensor-parallel groups
 second, so a statistic split both ways is complete after the two stages. Groups are always
-explicit handles looked up by the layout's group key; WORLD is never used implicitly.
+explicit handles looked up by the layout's group key; WORLD is never used implicitly. Buffers
+live on the statistics' device (NCCL for CUDA tensors, gloo for CPU ones).
 """
 from __future__ import annotations
 
@@ -29,10 +30,6 @@ class CommCounter:
         self.flag_bytes.clear()
 
     @property
-    def total_bytes(self) -> int:
-        return sum(self.payload_bytes.values()) + sum(self.flag_bytes.values())
-
-    @property
     def total_calls(self) -> int:
         return sum(self.calls.values())
 
@@ -52,39 +49,36 @@ class StatReducer:
     def __init__(self, process_groups: dict | None = None):
         self.process_groups = dict(process_groups or {})
         self.counter = CommCounter()
+        self.stage: dict[str, int] = {}      # group key -> 0 (flat/DP, first) or 1 (TP, second)
 
-    def check_group(self, key: str, expected_size: int) -> None:
-        """Raise unless `key` names a group of `expected_size` ranks."""
+    def check_group(self, key: str, expected_size: int, stage: int) -> None:
+        """Raise unless `key` names a group of `expected_size` ranks; from now on every step
+        reduces over it (at `stage`), so its ranks agree on every verdict."""
         if key not in self.process_groups:
             raise ValueError(f"layout needs process group {key!r} (size {expected_size}); pass "
                              f"process_groups={{{key!r}: <group>}} (known: {sorted(self.process_groups)})")
         size = group_size(self.process_groups[key])
         if size != expected_size:
             raise ValueError(f"process group {key!r} has {size} ranks but the layout says {expected_size}")
+        self.stage[key] = stage
 
-    def reduce(self, items: list[tuple[Plan, torch.Tensor]], nonfinite: float = 0.0) -> float:
-        """Sum, in place, each stats tensor's slots listed in its plan, across the plan's groups.
+    def reduce(self, items: list[tuple[Plan, torch.Tensor]], flag: torch.Tensor) -> None:
+        """Sum, in place, each stats tensor's slots listed in its plan, and the verdict `flag`
+        [1] (> 0: non-finite), across every declared group: one all_reduce per group per step,
+        DP stage then TP stage, so across both every rank of a TP x DP grid hears every verdict.
 
         `items` must come in the same order on every rank of a group (MOGA sorts them by a global
-        key); a rank that holds nothing of a parameter passes zeros for it (a "ghost").
-        `nonfinite` (> 0: this rank saw a non-finite gradient) rides in one extra slot of every
-        collective; the return value is its sum over every rank this rank heard from (DP stage,
-        then TP stage: across both, every rank of a TP x DP grid), so ranks refuse a step together."""
-        stage_of: dict[str, int] = {}
-        for plan, _ in items:
-            stage_of.update(plan.group_stage)
-        flag = torch.tensor([float(nonfinite)])
-        for key in sorted(stage_of, key=lambda k: (stage_of[k], k)):
+        key); a rank that holds nothing of a parameter passes zeros for it (a "ghost"). A group
+        with no shared slot this step still carries the flag (4 bytes): no rank is left waiting."""
+        for key in sorted(self.stage, key=lambda k: (self.stage[k], k)):
             views = [stats[s:e] for plan, stats in items for s, e in plan.group_slots.get(key, ())]
-            if not views:
-                continue
-            self._all_reduce(key, views, flag)
-        return float(flag)
+            if group_size(self.process_groups[key]) > 1:
+                self._all_reduce(key, views, flag)
 
     def _all_reduce(self, key: str, views: list[torch.Tensor], flag: torch.Tensor) -> None:
         import torch.distributed as dist
 
-        buf = torch.cat([*views, flag])
+        buf = torch.cat([*views, flag.to(torch.float32)])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_groups[key])
         self.counter.calls[key] += 1
         self.counter.payload_bytes[key] += (buf.numel() - 1) * buf.element_size()

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import cpu as kernels
 from .plan import Plan
 
 
@@ -37,16 +36,7 @@ class Piece:
     decay: float
     eps: float
     name: str = ""
-
-    def __post_init__(self):
-        # The fused kernels take fp32, contiguous CPU tensors, r = 2 (or a sign role), no lookahead.
-        self.kernel = ((self.plan is None or self.exponent == 2.0) and self.lookahead is None
-                       and self.param.dtype == torch.float32 and self.grad.dtype == torch.float32
-                       and self.param.is_contiguous() and self.grad.is_contiguous()
-                       and self.param.is_cpu and kernels.ops() is not None)
-        # Every statistic on this rank: momentum, norm and update in one pass (see kernels).
-        self.one_pass = self.kernel and (self.plan is None or (self.plan.axis == "row"
-                                                                and not self.plan.group_slots))
+    one_pass: bool = False      # set by the step program: the backend updates it in phase A
 
     def scale_of(self, run) -> float:
         """The lr multiplier of `run`'s block (None: the whole piece)."""
@@ -134,19 +124,21 @@ def phase_b(piece: Piece, inv: torch.Tensor) -> None:
             p2.copy_(p2.float().mul_(piece.decay).addcmul_(d, scale, value=-alpha))
 
 
-def undo_momentum(piece: Piece) -> None:
-    """Revert phase A's momentum update (used when a step is refused for non-finite gradients).
+def undo_momentum(piece: Piece, refused: torch.Tensor | None = None) -> None:
+    """Revert phase A's momentum update (used when a step is refused for non-finite gradients);
+    with `refused` (a device flag [1], sync-free mode) only where it is set.
 
     Exact up to rounding where the gradient was finite; entries whose gradient was not finite
     cannot be recovered and are reset to zero.
     """
     m, g = flat_view(piece.momentum), flat_view(piece.grad).float()
     if piece.beta == 0.0:
-        m.zero_()
-        return
-    finite = torch.isfinite(g)
-    m.sub_(torch.where(finite, g, torch.zeros_like(g)), alpha=1.0 - piece.beta).div_(piece.beta)
-    m.masked_fill_(~finite, 0.0)
+        old = torch.zeros_like(m)
+    else:
+        finite = torch.isfinite(g)
+        old = (m - torch.where(finite, g, torch.zeros_like(g)) * (1.0 - piece.beta)) / piece.beta
+        old.masked_fill_(~finite, 0.0)
+    m.copy_(old if refused is None else torch.where((refused > 0).reshape(()), old, m))
 
 
 def run_view(t: torch.Tensor, run) -> torch.Tensor:

@@ -7,17 +7,18 @@ math is in functional.py, the reductions in collectives.py; no engine is importe
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from . import functional as F
 from .collectives import StatReducer
+from .dtensor import declare_dtensors, local_view, param_of, step_owner
 from .flat import FlatSegment
 from .tensors import FlatBuffer, Ghost, TensorRegistry, role_of
 from .layout import ShardLayout
 from .plan import build_plan
+from .backends import BACKENDS
 from .program import StepProgram
 from .hparams import check_hparams
 from .scaling import stat_exponent, update_scales
@@ -63,7 +64,13 @@ class MOGA(torch.optim.Optimizer):
         layouts (Mapping[Tensor, ShardLayout]): how sharded parameters sit in their global
             matrix; unlisted parameters are whole tensors.
         process_groups (Mapping[str, ProcessGroup]): the groups the layouts' keys name.
-        fused (bool, True): use the fused CPU kernels where they apply.
+        backend ("auto" | "torch" | "cpu" | "triton"): who computes the step (core/backends.py):
+            auto picks the Triton kernels for CUDA tensors and the fused C++ kernels for CPU ones;
+            torch is the plain loop. A piece a backend does not accept goes to the torch loop
+            (the same update). ``fused=False`` is the old spelling of backend="torch".
+        sync_free (bool, False): never ask the host during a step (for CUDA graphs and
+            torch.compile): a non-finite step is then skipped on every rank and counted in
+            ``skipped_steps`` (a device tensor), as GradScaler does, instead of raising.
 
     Every rank must step the same parameters (gradients present on all or none), as DDP, ZeRO
     and Megatron guarantee.
@@ -79,7 +86,7 @@ class MOGA(torch.optim.Optimizer):
                  vector_mult: float = 1.0, head_width_scale: bool = False,
                  base_width: float | None = None, eps: float = 1e-8, lookahead: float | None = None,
                  *, layouts: Mapping | None = None, process_groups: Mapping | None = None,
-                 fused: bool = True):
+                 backend: str = "auto", sync_free: bool = False, fused: bool | None = None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, norm=norm, p=p, q=q,
                         hidden_mult=hidden_mult, embedding_mult=embedding_mult, head_mult=head_mult,
                         vector_mult=vector_mult, head_width_scale=head_width_scale,
@@ -89,7 +96,9 @@ class MOGA(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             check_hparams(group, f"MOGA param group {i}")
         self.reducer = StatReducer(process_groups)
-        self.fused = fused
+        self.backend = "torch" if fused is False else backend
+        self.sync_free = bool(sync_free)
+        self.skipped_steps: torch.Tensor | None = None
         self._suspended = False
         # Record layouts in state_dict() so a per-rank checkpoint is not loaded into another layout.
         # Engines whose checkpoints reshard state per parameter (Megatron dist_checkpointing) turn it off.
@@ -98,6 +107,8 @@ class MOGA(torch.optim.Optimizer):
         self._step_program: StepProgram | None = None
         for param, layout in (layouts or {}).items():
             self.declare(param, layout=layout)
+        # DTensor parameters (FSDP2, TP) describe their own sharding: no layouts to pass.
+        declare_dtensors(self, [p for g in self.param_groups for p in g["params"]])
 
     def add_param_group(self, param_group):
         """torch.optim's add_param_group, remembering which tensors MOGA was given."""
@@ -107,6 +118,8 @@ class MOGA(torch.optim.Optimizer):
         self.tensors.known.update(id(p) for p in self.param_groups[-1]["params"])
         self.tensors.index_names(self.param_groups)
         self.tensors.changed()
+        if hasattr(self, "reducer"):            # a group added after construction
+            declare_dtensors(self, self.param_groups[-1]["params"])
 
     # ----- the interface engines use ---------------------------------------------------------
     def declare(self, tensor: torch.Tensor, *, layout: ShardLayout | None = None,
@@ -122,7 +135,7 @@ class MOGA(torch.optim.Optimizer):
         if layout is not None:
             if not isinstance(layout, ShardLayout):
                 raise ValueError(f"layout must be a ShardLayout, got {type(layout).__name__}")
-            if tensor.numel() != layout.local_numel:
+            if local_view(tensor).numel() != layout.local_numel:
                 raise ValueError(f"{name}: local numel {tensor.numel()} does not match its layout "
                                  f"({layout.local_numel} elements of global {layout.global_shape})")
             self._check_groups(layout)
@@ -203,9 +216,9 @@ class MOGA(torch.optim.Optimizer):
 
     def _check_groups(self, layout: ShardLayout) -> None:
         if layout.tp is not None and layout.tp.world_size > 1:
-            self.reducer.check_group(layout.tp.group, layout.tp.world_size)
+            self.reducer.check_group(layout.tp.group, layout.tp.world_size, stage=1)
         if layout.flat is not None and len(layout.flat.ranges) > 1:
-            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges))
+            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges), stage=0)
 
     # ----- step ------------------------------------------------------------------------------
     def _units(self):
@@ -281,25 +294,26 @@ class MOGA(torch.optim.Optimizer):
                     continue
                 st = state.get(p)
                 mom = st.get("momentum_buffer") if st else None
-                sig.append((id(p), p.data_ptr(), id(mom), g.dtype, g.is_contiguous()))
+                sig.append((id(p), local_view(p).data_ptr(), id(mom), g.dtype, g.is_contiguous()))
         return tuple(sig)
 
     def _build_program(self) -> StepProgram:
         owned, rates = [], []
         for owner, span, options, layout, key, name, rate in self._units():
             role, plan, scales, exponent = self._static(options, layout, key, name)
-            mom = self.init_state(owner)["momentum_buffer"]
-            data, grad = owner.data, owner.grad
+            # A DTensor's step works on its local shard (views of the same storage).
+            mom = local_view(self.init_state(owner)["momentum_buffer"])
+            data, grad = local_view(owner.data), local_view(owner.grad)
             if span is not None:
                 s, n = span
                 data, grad, mom = data[s:s + n], grad[s:s + n], mom[s:s + n]
-            owned.append((owner, span, F.Piece(
+            owned.append((step_owner(owner), span, F.Piece(
                 param=data, grad=grad, momentum=mom, plan=plan, exponent=exponent, beta=options["momentum"],
                 lookahead=options["lookahead"], lr=0.0, scales=scales, decay=1.0, eps=options["eps"], name=name)))
             rates.append((role in _DECAYED_ROLES, *rate))
-        program = StepProgram(owned, self.fused)
+        program = StepProgram(owned, self.backend, device=self._device())
         program.rates = rates
-        program.states = [self.state[o] for o in program.owners]
+        program.states = [self.state[param_of(o)] for o in program.owners]
         return program
 
     def _program(self) -> StepProgram:
@@ -324,9 +338,39 @@ class MOGA(torch.optim.Optimizer):
         """The tensor's state, created if missing: fp32 `momentum_buffer` of its shape and `step` 0."""
         state = self.state[tensor]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+            # zeros_like: a DTensor parameter gets a DTensor momentum of its placements.
+            state["momentum_buffer"] = torch.zeros_like(tensor, dtype=torch.float32,
+                                                       memory_format=torch.contiguous_format)
             state["step"] = 0
         return state
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused backend may compute the step (False: the plain torch loop)."""
+        return self.backend != "torch"
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.backend = "auto" if value else "torch"
+
+    @property
+    def backend(self) -> str:
+        """Who computes the step: "auto", "torch", "cpu" or "triton" (core/backends.py)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend={value!r}: allowed {BACKENDS}")
+        self._backend = value
+        if hasattr(self, "_static_cache"):      # not during __init__
+            self.invalidate()
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -338,30 +382,39 @@ class MOGA(torch.optim.Optimizer):
         if self._suspended:
             return loss
         program = self._program()
-        if not program.pieces and not self.tensors.ghosts:     # a rank holding only ghosts still reduces
+        if not program.pieces and not self.tensors.ghosts and not self.reducer.stage:
             return loss
         try:
-            for state in program.states:
-                state["step"] += 1
-            program.phase_a()
-            # Statistics are sums of |u|^r >= 0: their total is finite iff every one of them is.
-            own_bad = not math.isfinite(float(program.arena.sum()))
-            refuse = own_bad
             if program.reduce_items is None:
                 program.reduce_items = self._reduction_items(program)
-            if program.reduce_items:
-                if program.ghost_stats is not None:
-                    program.ghost_stats.zero_()
-                # The verdict travels with the statistics, so every rank that shares any refuses too.
-                reported = self.reducer.reduce(program.reduce_items, nonfinite=float(own_bad))
-                # A sum of finite partial sums can still overflow to inf: check the reduced ones too.
-                refuse = refuse or reported > 0 or not math.isfinite(float(program.arena.sum()))
-            if refuse:
-                self._refuse_non_finite(program, elsewhere=not own_bad)
-            program.phase_b()
+            verdict = program.run(self._reduce_fn(program), sync_free=self.sync_free)
+            if self.sync_free:
+                if self.skipped_steps is None:
+                    self.skipped_steps = torch.zeros((), device=program.device)
+                self.skipped_steps.add_(verdict.refused.reshape(()))
+                for state in program.states:
+                    state["step"] += 1
+            elif verdict.refused:
+                self._refuse_non_finite(program, verdict.elsewhere)
+            else:
+                for state in program.states:
+                    state["step"] += 1
         finally:
             program.release()
         return loss
+
+    def _reduce_fn(self, program: StepProgram):
+        """The step's reduction: every shared statistic slot plus the verdict flag [1], in one
+        all-reduce per process group. It runs on every step where groups are declared, so every
+        rank agrees on a refusal even when no statistic is shared (no rank is left waiting)."""
+        if not self.reducer.stage:
+            return None
+
+        def reduce(flag: torch.Tensor) -> None:
+            if program.ghost_stats is not None:
+                program.ghost_stats.zero_()
+            self.reducer.reduce(program.reduce_items, flag)
+        return reduce
 
     def _reduction_items(self, program: StepProgram) -> list:
         """(plan, stats view) pairs in an order every rank agrees on; empty when nothing is shared.
@@ -370,7 +423,7 @@ class MOGA(torch.optim.Optimizer):
                  for i, ((owner, _, pc), st) in enumerate(zip(program.owned, program.stats))
                  if pc.plan is not None]
         ghosts = [g.plan for g in self.tensors.ghosts]
-        program.ghost_stats = torch.zeros(sum(p.num_stats for p in ghosts)) if ghosts else None
+        program.ghost_stats = torch.zeros(sum(p.num_stats for p in ghosts), device=program.device) if ghosts else None
         if ghosts:
             views = program.ghost_stats.split([p.num_stats for p in ghosts])
             items += [((g.order_key, -1), g.plan, v) for g, v in zip(self.tensors.ghosts, views)]
@@ -393,12 +446,6 @@ class MOGA(torch.optim.Optimizer):
     def _refuse_non_finite(self, program: StepProgram, elsewhere: bool = False) -> None:
         bad = [pc.name for pc, st in zip(program.pieces, program.stats) if not bool(torch.isfinite(st).all())]
         where = "another rank's shard (this rank's gradients were finite)" if elsewhere else ", ".join(bad)
-        for piece, st in zip(program.pieces, program.stats):
-            if self.fused and piece.one_pass:
-                F.undo_one_pass(piece, st)
-            F.undo_momentum(piece)
-        for state in program.states:
-            state["step"] -= 1
         raise NonFiniteGradientError(
             f"non-finite gradient (NaN or Inf) in {where}; step refused on every rank that shares statistics "
             "with it: parameters and momentum "

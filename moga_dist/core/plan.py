@@ -8,6 +8,7 @@ and packing needs no negotiation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +41,6 @@ class Plan:
     group_slots: dict[str, list[Interval]] = field(default_factory=dict)
     group_stage: dict[str, int] = field(default_factory=dict)  # 0: flat (DP) sums first, 1: TP
 
-    def slots_in(self, group: str) -> int:
-        return sum(e - s for s, e in self.group_slots.get(group, []))
-
 
 def _intervals(sorted_indices: list[int]) -> list[Interval]:
     out: list[list[int]] = []
@@ -59,11 +57,11 @@ def _local_row_blocks(layout: ShardLayout, tp_rank: int | None = None) -> torch.
     d_out = layout.global_shape[0]
     local_rows = layout.local_shape[0]
     if layout.row_blocks is None:
-        return torch.zeros(local_rows, dtype=torch.long)
+        return torch.zeros(local_rows, dtype=torch.long, device="cpu")
     rb = layout.row_blocks
-    pattern = torch.cat([torch.full((n,), b, dtype=torch.long) for n, b in rb.pattern])
+    pattern = torch.cat([torch.full((n,), b, dtype=torch.long, device="cpu") for n, b in rb.pattern])
     global_blocks = pattern.repeat(rb.repeats)
-    idx = torch.arange(local_rows)
+    idx = torch.arange(local_rows, device="cpu")
     tp = layout.tp
     if tp is not None and tp.dim == 0:
         rank = tp.rank if tp_rank is None else tp_rank
@@ -101,7 +99,7 @@ def _segments(start: int, end: int, ncols: int) -> list[tuple[int, int, int, int
 
 def _runs(layout: ShardLayout, axis: str, blocks: torch.Tensor, start: int, end: int) -> list[Run]:
     ncols = layout.local_shape[1] if len(layout.local_shape) == 2 else \
-        int(torch.tensor(layout.local_shape[1:]).prod())
+        math.prod(layout.local_shape[1:])
     runs = []
     for offset, row0, nrows, col0, width in _segments(start, end, ncols):
         if axis == "row":
@@ -133,7 +131,7 @@ def build_plan(layout: ShardLayout, axis: str) -> Plan:
     if layout.global_matrix_shape is None:
         raise ValueError(f"a {axis} reduction needs a 2-D weight, got global_shape={layout.global_shape}")
     local_rows = layout.local_shape[0]
-    ncols = int(torch.tensor(layout.local_shape[1:]).prod())
+    ncols = math.prod(layout.local_shape[1:])
     local_numel = local_rows * ncols
     blocks = _local_row_blocks(layout)
     num_blocks = 1 if layout.row_blocks is None else layout.row_blocks.num_blocks

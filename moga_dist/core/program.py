@@ -1,66 +1,45 @@
-"""A step's work, planned once: the pieces, their slots in one statistics arena, and the batched
-kernel calls. MOGA rebuilds it only when a tensor or a shape-affecting setting changes; each step
-then only binds the gradients and refreshes lr and decay.
+"""A step's work, planned once: the pieces, their slots in one statistics arena, the backend
+batches that compute them, and the step itself (phase A -> verdict and reduction -> phase B).
 
-Why: at small widths a step's Python (building pieces, views and argument lists, allocating and
-splitting the arena) cost as much as 20% of the kernel time. Gradients are bound per step and
-released afterwards, so the program never keeps a gradient alive that the caller freed
-(``zero_grad(set_to_none=True)``). Must not import torch.distributed or any engine.
+MOGA caches a StepProgram and rebuilds it only when a tensor or a shape-affecting setting
+changes; each step then only binds the gradients and refreshes lr and decay. Why: at small widths
+a step's Python (pieces, views, argument lists, the arena) cost as much as 20% of the kernel time.
+Gradients are bound per step and released afterwards, so the program never keeps alive a gradient
+the caller freed. `moga()` is the same step as a plain function. Must not import any engine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from . import backends
 from . import functional as F
-from ..kernels import cpu as kernels
 
 
 @dataclass
-class _Batch:
-    """One batched kernel call: kind in {sign, rows_local, rows, cols}; per run its piece index,
-    run (None: the whole flat piece) and scale; the tensor and offset lists are fixed."""
+class Verdict:
+    """What a step decided. refused: bool, or in sync-free mode a device tensor [1] (1.0 = refused);
+    elsewhere: the non-finite statistic was another rank's (default mode only)."""
 
-    kind: str
-    eps: float
-    p: list = field(default_factory=list)
-    m: list = field(default_factory=list)
-    w: list = field(default_factory=list)
-    off: list = field(default_factory=list)
-    src: list = field(default_factory=list)
-    g: list = field(default_factory=list)
-    decay: list = field(default_factory=list)
-    alpha: list = field(default_factory=list)
-
-
-def _kind(piece: F.Piece) -> str:
-    if piece.plan is None:
-        return "sign"
-    return "rows_local" if piece.one_pass else f"{piece.plan.axis}s"
-
-
-def _writes_every_slot(piece: F.Piece, fast: bool) -> bool:
-    """Whether phase A overwrites (not accumulates into) every statistic slot of the piece (fast:
-    it goes to the fused kernels), so the arena needs no zeroing between steps."""
-    if piece.plan is None:
-        return True
-    if not fast or piece.plan.axis != "row":
-        return False
-    return sum(run.nrows for run in piece.plan.runs) == piece.plan.num_stats
+    refused: bool | torch.Tensor
+    elsewhere: bool = False
 
 
 class StepProgram:
-    """The planned step for `owned` = [(owner tensor, span or None, Piece)] (grads unbound).
+    """The planned step for `owned` = [(owner tensor, span or None, Piece)] (gradients unbound).
 
-    arena: fp32 [Σ stats_size]; stats[k]: piece k's view of it."""
+    arena: fp32 [Σ stats_size] on the pieces' device; stats[k]: piece k's view of it; backend:
+    "auto" | "torch" | "cpu" | "triton" (see backends)."""
 
-    def __init__(self, owned: list[tuple[torch.Tensor, tuple | None, F.Piece]], fused: bool):
+    def __init__(self, owned: list[tuple[torch.Tensor, tuple | None, F.Piece]], backend: str = "auto",
+                 device: torch.device | None = None):
         self.owned = owned
         self.pieces = [pc for _, _, pc in owned]
         self.owners = list({id(o): o for o, _, _ in owned}.values())
-        # Filled in by the optimizer: validity signature, per-piece lr sources, owners' state
-        # dicts, the (plan, stats) pairs to reduce (None until first needed) and ghost statistics.
+        # Filled in by the optimizer: validity signature, per-piece lr sources, owners' state dicts,
+        # the (plan, stats) pairs to reduce (None until first needed) and ghost statistics.
         self.signature: tuple | None = None
         self.rates: list = []
         self.states: list[dict] = []
@@ -70,70 +49,103 @@ class StepProgram:
         offsets = [0]
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
-        device = self.pieces[0].momentum.device if self.pieces else None
-        self.arena = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        self.device = self.pieces[0].momentum.device if self.pieces else (device or torch.device("cpu"))
+        self.arena = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
         self.stats = list(self.arena.split(sizes))
-        fast = [fused and pc.kernel for pc in self.pieces]
-        self.needs_zero = not all(_writes_every_slot(pc, f) for pc, f in zip(self.pieces, fast))
-        self.slow = [k for k, f in enumerate(fast) if not f]
-        self.batches_a: dict[tuple, _Batch] = {}
-        self.batches_b: dict[tuple, _Batch] = {}
-        for k, (pc, off, f) in enumerate(zip(self.pieces, offsets, fast)):
-            if not f:
-                continue
-            kind = _kind(pc)
-            self._add(self.batches_a.setdefault((kind, pc.eps), _Batch(kind, pc.eps)), k, pc, off)
-            if kind in ("rows", "cols"):
-                self._add(self.batches_b.setdefault((kind, pc.eps), _Batch(kind, pc.eps)), k, pc, off)
-
-    @staticmethod
-    def _add(batch: _Batch, k: int, piece: F.Piece, off: int) -> None:
-        for run in piece.plan.runs if piece.plan is not None else [None]:
-            batch.p.append(F.run_view(piece.param, run))
-            batch.m.append(F.run_view(piece.momentum, run))
-            batch.w.append(1.0 - piece.beta)
-            batch.off.append(off + (run.stat_start if run is not None else 0))
-            batch.src.append((k, run, piece.scale_of(run)))
+        chosen: dict[str, list[int]] = {}
+        for k, pc in enumerate(self.pieces):
+            name = backends.choose(backend, pc)
+            pc.one_pass = backends.one_pass(name, pc)
+            chosen.setdefault(name, []).append(k)
+        self.backend_of = {k: name for name, ks in chosen.items() for k in ks}
+        self.batches = [backends.make_batches(name, [self.pieces[k] for k in ks], [offsets[k] for k in ks])
+                        for name, ks in chosen.items()]
+        self.needs_zero = any(getattr(b, "needs_zero", True) for b in self.batches)
 
     def bind(self) -> None:
         """Point every piece and batch at this step's gradients and lr/decay (set on the pieces)."""
         for owner, span, pc in self.owned:
             grad = owner.grad
             pc.grad = grad if span is None else grad[span[0]:span[0] + span[1]]
-        pieces = self.pieces
-        for batch in (*self.batches_a.values(), *self.batches_b.values()):
-            batch.alpha = [pieces[k].lr * scale for k, _, scale in batch.src]
-            batch.decay = [pieces[k].decay for k, _, _ in batch.src]
-        for batch in self.batches_a.values():
-            batch.g = [F.run_view(pieces[k].grad, run) for k, run, _ in batch.src]
+        for b in self.batches:
+            b.bind()
 
     def release(self) -> None:
         """Drop this step's gradient references."""
         for pc in self.pieces:
             pc.grad = None
-        for batch in self.batches_a.values():
-            batch.g = []
+        for b in self.batches:
+            b.release()
 
     def phase_a(self) -> None:
         """Momentum and partial statistics for every piece; one-pass pieces are also updated."""
         if self.needs_zero:
             self.arena.zero_()
-        for k in self.slow:
-            F.phase_a(self.pieces[k], self.stats[k])
-        op = kernels.ops()
-        for b in self.batches_a.values():
-            if b.kind == "sign":
-                op.sign_ab(b.p, b.m, b.g, b.w, self.arena, b.off, b.decay, b.alpha)
-            elif b.kind == "rows_local":
-                op.rows_ab(b.p, b.m, b.g, b.w, self.arena, b.off, b.decay, b.alpha, b.eps)
-            else:
-                getattr(op, f"{b.kind}_a")(b.m, b.g, b.w, self.arena, b.off)
+        for b in self.batches:
+            b.phase_a(self.arena)
 
-    def phase_b(self) -> None:
-        """The update of every piece not already updated in phase A, from the summed statistics."""
-        for k in self.slow:
-            pc, st = self.pieces[k], self.stats[k]
-            F.phase_b(pc, st if pc.plan is None else F.inverse_denominators(st, pc.exponent, pc.eps))
-        op = kernels.ops()
-        for b in self.batches_b.values():
-            getattr(op, f"{b.kind}_b")(b.p, b.m, self.arena, b.off, b.decay, b.alpha, b.eps)
+    def phase_b(self, refused: torch.Tensor | None = None) -> None:
+        """The update of every piece not already updated in phase A, from the summed statistics;
+        with `refused` (sync-free), a no-op where it is set."""
+        for b in self.batches:
+            _gated(b, refused, lambda: b.phase_b(self.arena, refused), skip_when_refused=True)
+
+    def undo(self, refused: torch.Tensor | None = None) -> None:
+        """Restore parameters and momentum of a refused step (to rounding); with `refused`
+        (sync-free), a no-op where it is not set."""
+        for b in self.batches:
+            _gated(b, refused, lambda: b.undo(self.arena, refused), skip_when_refused=False)
+
+    def run(self, reduce: Callable[[torch.Tensor], None] | None, sync_free: bool = False) -> Verdict:
+        """One step: phase A, the non-finite verdict (reduced with the statistics by `reduce`,
+        which sums the shared slots and the flag [1] in place across ranks), then phase B, or the
+        undo of phase A when any rank saw a non-finite statistic.
+
+        Statistics are sums of |u|^r >= 0, so their total is finite iff every one is; a sum of
+        finite partial sums can still overflow, so the reduced total is checked too."""
+        self.phase_a()
+        bad = ~torch.isfinite(self.arena.sum()).view(1)
+        flag = bad.float()
+        if reduce is not None:
+            reduce(flag)
+            bad = (flag > 0) | ~torch.isfinite(self.arena.sum()).view(1)
+        if sync_free:
+            refused = bad.float()
+            self.undo(refused)
+            self.phase_b(refused)
+            return Verdict(refused)
+        if bool(bad):
+            own_bad = not all(bool(torch.isfinite(st).all()) for st in self.stats)
+            self.undo()
+            return Verdict(True, elsewhere=not own_bad)
+        self.phase_b()
+        return Verdict(False)
+
+
+def _gated(batches, refused: torch.Tensor | None, work: Callable[[], None], skip_when_refused: bool) -> None:
+    """Run `work` on `batches`; in sync-free mode on a backend that cannot read the device flag
+    itself, keep its parameters and momentum where the flag says the work must not happen (a
+    where() over the tensors: correct, not fast; the Triton kernels read the flag themselves)."""
+    if refused is None or batches.native_gate:
+        work()
+        return
+    tensors = [t for pc in batches.pieces for t in (pc.param, pc.momentum)]
+    before = [t.clone() for t in tensors]
+    work()
+    keep = (refused > 0 if skip_when_refused else refused == 0).reshape(())
+    for t, old in zip(tensors, before):
+        t.copy_(torch.where(keep, old, t))
+
+
+def moga(pieces: list[F.Piece], *, reduce: Callable[[torch.Tensor], None] | None = None,
+         backend: str = "auto", sync_free: bool = False) -> Verdict:
+    """One MOGA step over local pieces, as a function (what MOGA.step runs, without its caches).
+
+    pieces: functional.Piece per local tensor (param [N], grad [N], fp32 momentum [N], its plan
+    from plan.build_plan or None for sign roles, lr/decay/scales); reduce: sums the shared
+    statistic slots and the verdict flag across ranks in place (collectives.StatReducer.reduce
+    bound to the plans), None on one rank. Returns the Verdict; a refused step is undone."""
+    program = StepProgram([(pc.param, None, pc) for pc in pieces], backend)
+    for b in program.batches:
+        b.bind()
+    return program.run(reduce, sync_free)

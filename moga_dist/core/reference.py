@@ -38,6 +38,8 @@ def reference_step(weight: torch.Tensor, grad: torch.Tensor, momentum_buffer: to
     m = beta * m_old + (1 - beta) * g
     u = m if h["lookahead"] is None else h["lookahead"] * m_old + (1 - h["lookahead"]) * g
     lr = h["lr"]
+    if role in ("hidden", "head") and u.numel() == 0:
+        return w * (1 - lr * h["weight_decay"]), m
     if role in ("hidden", "head"):
         mat = u.reshape(u.shape[0], -1)
         d_out, d_in = mat.shape

@@ -29,6 +29,8 @@ def update_scales(role: str, norm: str, global_matrix_shape: tuple[int, int] | N
     hidden/row: mult * d_in^(-1/p);  hidden/col: mult * d_out_block^(1/q) / d_in;
     head: mult (times (base_width / d_in)^(1/p) when head_width_scale); embedding, vector: mult.
     """
+    if role in ("hidden", "head") and 0 in global_matrix_shape:
+        return [0.0] * len(block_rows or [1])      # no element to update: any scale is exact
     if role == "hidden":
         d_out, d_in = global_matrix_shape
         if norm == "row":

@@ -1,15 +1,33 @@
-"""Dispatch `python -m moga_dist.bench {step,comm}`."""
+"""Dispatch `python -m moga_dist.bench {step,comm,train} [options]`; `--help` lists the commands,
+`python -m moga_dist.bench COMMAND --help` the options of one."""
 import sys
 
+COMMANDS = {
+    "step": "one optimizer step at LLaMA layer shapes: MOGA vs fused AdamW, Muon and the memory bound",
+    "comm": "bytes each rank hands to collectives on one LLaMA-7B layer, beside the analytic minimum",
+    "train": "the main job with MOGA and with DeepSpeed's AdamW, tokens/s of each",
+}
 
-def main() -> None:
-    commands = {"step": "moga_dist.bench.step", "comm": "moga_dist.bench.comm", "train": "moga_dist.bench.train"}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m moga_dist.bench {{{','.join(commands)}}} [options]; got {sys.argv[1:]!r}")
+
+def usage() -> str:
+    lines = ["usage: python -m moga_dist.bench {" + ",".join(COMMANDS) + "} [options]", "", "commands:"]
+    lines += [f"  {name:<6} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines + ["", "python -m moga_dist.bench COMMAND --help: the options of one command"])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(f"{usage()}\nmoga_dist.bench: error: expected a command, got {argv[:1] or 'none'}", file=sys.stderr)
+        return 2
     import importlib
 
-    importlib.import_module(commands[sys.argv[1]]).main(sys.argv[2:])
+    importlib.import_module(f"moga_dist.bench.{argv[0]}").main(argv[1:])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

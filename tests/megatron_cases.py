@@ -22,9 +22,12 @@ def gather_full(t, p, ps):
 LAST = {}
 
 
-def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, save_dir=None):
+def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, save_dir=None, bias=False,
+          make_optimizer=None):
     """Steps [start, steps) at this TP size (DP = world / TP), optionally loading a dist_checkpointing
-    checkpoint first and saving one at the end; returns {name: full weight} and the optimizer."""
+    checkpoint first and saving one at the end; returns {name: full weight} and the optimizer.
+    bias: Megatron's default add_bias_linear=True (column-parallel biases are TP-sharded 1-D tensors).
+    make_optimizer(ddp): another way to build the optimizer (default: the adapter's drop-in)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
@@ -33,7 +36,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     from megatron.core.transformer import TransformerConfig
 
     import megatron_support
-    import moga_dist.megatron as moga_megatron
+    import moga_dist.engines.megatron as moga_megatron
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -41,7 +44,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             ffn_hidden_size=96, tensor_model_parallel_size=tp, use_cpu_initialization=True,
                             params_dtype=torch.float32, pipeline_dtype=torch.float32, normalization="RMSNorm",
-                            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=bias,
                             hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
                             apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
                             gradient_accumulation_fusion=False)
@@ -51,9 +54,12 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
                      share_embeddings_and_output_weights=False)
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer), model)
-    opt = moga_megatron.get_megatron_optimizer(OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0,
-                                                 use_distributed_optimizer=distributed_optimizer),
-                                 [ddp], moga={**MOGA_SETTINGS, "norm": norm})
+    if make_optimizer is not None:
+        opt = make_optimizer(ddp)
+    else:
+        opt = moga_megatron.get_megatron_optimizer(
+            OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0,
+                            use_distributed_optimizer=distributed_optimizer), [ddp], moga={**MOGA_SETTINGS, "norm": norm})
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     gen = torch.Generator().manual_seed(7)
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
@@ -84,16 +90,17 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
 
         msd = model.sharded_state_dict()
         dist_checkpointing.save({"model": msd, "optimizer": opt.sharded_state_dict(msd)}, save_dir)
-    check_metadata(ddp, tp, ps.get_tensor_model_parallel_rank())
+    check_metadata(ddp, tp, ps.get_tensor_model_parallel_rank(), bias)
     full = {n: gather_full(p.data, p, ps) for n, p in model.named_parameters()}
     return full, opt
 
 
-def check_metadata(ddp, tp, tp_rank):
+def check_metadata(ddp, tp, tp_rank, bias=False):
     """The adapter's reading of Megatron's metadata, checked against the model config by hand:
-    4 heads in 2 query groups of head_dim 16 -> QKV rows [q q k v] x 2; fc1 = [gate(96); up(96)]."""
+    4 heads in 2 query groups of head_dim 16 -> QKV rows [q q k v] x 2; fc1 = [gate(96); up(96)];
+    column-parallel biases keep their TP split (fc1's with stride 2), row-parallel ones are whole."""
     from moga_dist import RowBlocks
-    from moga_dist.megatron import describe_params
+    from moga_dist.engines.megatron import describe_params
 
     info = {i.name: i for i in describe_params([ddp], tp_rank, tp).values()}
     qkv = info["decoder.layers.0.self_attention.linear_qkv.weight"]
@@ -108,17 +115,25 @@ def check_metadata(ddp, tp, tp_rank):
     assert info["embedding.word_embeddings.weight"].role == "embedding"
     assert info["output_layer.weight"].role == "head" and info["output_layer.weight"].layout.global_shape == (256, 64)
     assert info["decoder.final_layernorm.weight"].role == "vector"
+    if bias:
+        qkv_b = info["decoder.layers.0.self_attention.linear_qkv.bias"]
+        fc1_b = info["decoder.layers.1.mlp.linear_fc1.bias"]
+        assert (qkv_b.role, qkv_b.layout.global_shape, fc1_b.layout.global_shape) == ("vector", (128,), (192,))
+        proj_b = info["decoder.layers.0.self_attention.linear_proj.bias"]
+        assert proj_b.layout.global_shape == (64,) and proj_b.layout.tp is None
+        if tp > 1:
+            assert (qkv_b.layout.tp.dim, fc1_b.layout.tp.stride, fc1_b.layout.tp.world_size) == (0, 2, tp)
 
 
-def reference(rank, world, path):
+def reference(rank, world, path, bias=False):
     import megatron_support
 
     megatron_support.enable_cuda_to_cpu()
-    out = {norm: train(1, False, norm)[0] for norm in ("row", "col")}
+    out = {norm: train(1, False, norm, bias=bias)[0] for norm in ("row", "col")}
     torch.save(out, path)
 
 
-def sharded(rank, world, path, layouts):
+def sharded(rank, world, path, layouts, bias=False):
     import megatron_support
 
     megatron_support.enable_cuda_to_cpu()
@@ -126,7 +141,9 @@ def sharded(rank, world, path, layouts):
     torch.manual_seed(42)
     for tp, distopt in layouts:
         for norm in ("row", "col"):
-            full, opt = train(tp, distopt, norm)
+            full, opt = train(tp, distopt, norm, bias=bias)
+            if bias:
+                assert sum(n.endswith(".bias") for n in full) == 8, sorted(full)
             kinds = {type(o).__name__ for o in getattr(opt, "chained_optimizers", [opt])}
             inner = {type(o.optimizer).__name__ for o in getattr(opt, "chained_optimizers", [opt])}
             assert inner == {"MOGA"}, inner
@@ -231,21 +248,16 @@ def megatron_job(rank, world, base, tp=2, zero_stage=0):
 
 
 def registry(rank, world, path):
-    """megatron-core 0.17+: Megatron's own get_megatron_optimizer with optimizer='moga' registered."""
+    """megatron-core 0.18+: Megatron's own get_megatron_optimizer with optimizer='moga' registered."""
     import megatron_support
     from megatron.core import optimizer as mopt
 
-    from moga_dist.megatron import register
+    from moga_dist.engines.megatron import register
 
     megatron_support.enable_cuda_to_cpu()
-    assert register(settings=MOGA_SETTINGS | {"norm": "col"})
-    import moga_dist.megatron as mm
-    original = mm.get_megatron_optimizer
-    mm.get_megatron_optimizer = lambda config, chunks, moga=None: mopt.get_megatron_optimizer(config, chunks)
-    try:
-        full, opt = train(2, False, "col")
-    finally:
-        mm.get_megatron_optimizer = original
+    register(settings=MOGA_SETTINGS | {"norm": "col"})
+    config = mopt.OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0)
+    full, opt = train(2, False, "col", make_optimizer=lambda ddp: mopt.get_megatron_optimizer(config, [ddp]))
     want = torch.load(path, weights_only=True)["col"]
     for name, w in want.items():
         err = (full[name] - w).abs().max().item() / w.abs().max().item()
@@ -276,8 +288,8 @@ def bf16_wrapper(rank, world, tp, distopt=False, registry=False):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer import TransformerConfig
 
-    import moga_dist.megatron as moga_megatron
-    from moga_dist.reference import reference_step
+    import moga_dist.engines.megatron as moga_megatron
+    from moga_dist.core.reference import reference_step
 
     megatron_support.enable_cuda_to_cpu()
     ps.destroy_model_parallel()
@@ -300,9 +312,9 @@ def bf16_wrapper(rank, world, tp, distopt=False, registry=False):
     settings = {k: hp[k] for k in ("momentum", "hidden_mult", "norm")}
     config = OptimizerConfig(optimizer="moga", lr=hp["lr"], weight_decay=hp["weight_decay"], clip_grad=0.0,
                              bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=distopt)
-    if registry:     # megatron-core 0.17+: Megatron's own entry point, MOGA registered under "moga"
+    if registry:     # megatron-core 0.18+: Megatron's own entry point, MOGA registered under "moga"
         from megatron.core import optimizer as mopt
-        assert moga_megatron.register(settings=settings)
+        moga_megatron.register(settings=settings)
         opt = mopt.get_megatron_optimizer(config, [ddp])
     else:
         opt = moga_megatron.get_megatron_optimizer(config, [ddp], moga=settings)
@@ -352,3 +364,61 @@ def bf16_wrapper(rank, world, tp, distopt=False, registry=False):
             assert torch.equal(gather_full(p.detach(), p, ps), got.to(p.dtype)), (n, p.dtype)
             checked += 1
     assert checked == 2 * len(list(model.parameters()))
+
+
+def megatron_lm_flags(tp, distributed_optimizer):
+    """Megatron-LM flags of the tiny model and the settings `train` uses, selecting MOGA."""
+    flags = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 96 --num-attention-heads 4 --group-query-attention "
+             f"--num-query-groups 2 --seq-length {SEQ} --max-position-embeddings {SEQ} --normalization RMSNorm "
+             "--swiglu --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights "
+             f"--micro-batch-size 2 --global-batch-size {GLOBAL_BATCH} --train-iters {STEPS} --lr 0.02 "
+             f"--weight-decay 0.1 --clip-grad 1.0 --tensor-model-parallel-size {tp} --tokenizer-type NullTokenizer "
+             f"--vocab-size {VOCAB} --mock-data --optimizer moga --moga-norm col --moga-momentum 0.9 "
+             "--moga-hidden-mult 5.0").split()
+    return flags + (["--use-distributed-optimizer"] if distributed_optimizer else [])
+
+
+def megatron_lm(rank, world, ref_path, layouts):
+    """Megatron-LM's own argument parsing and validation and its training's optimizer factory, after
+    moga_dist.engines.megatron_lm.install(): `--optimizer moga --moga-*` builds MOGA inside
+    Megatron's regular wrappers (its DistributedOptimizer for --use-distributed-optimizer), and 3
+    steps equal the TP=1 reference."""
+    import os
+    import sys
+    import types
+
+    import megatron_support
+    megatron_support.allow_python_3_12_typing()
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.training import arguments, global_vars, training
+
+    from moga_dist.engines import megatron_lm as lm
+
+    megatron_support.enable_cuda_to_cpu()
+    # Megatron-LM's validation asks the GPU's architecture (Hopper here) and its TP setting.
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(major=9, minor=0)
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    lm.install()
+    want = torch.load(ref_path, weights_only=True)["col"]
+    for tp, distributed_optimizer in layouts:
+        sys.argv = ["pretrain_gpt.py", *megatron_lm_flags(tp, distributed_optimizer)]
+        global_vars.destroy_global_vars()          # Megatron-LM's globals, set once per run
+        destroy_num_microbatches_calculator()
+        args = arguments.parse_and_validate_args()
+        assert (args.optimizer, args.use_distributed_optimizer) == ("moga", distributed_optimizer)
+        assert not getattr(args, "use_layer_wise_distributed_optimizer", False)
+        global_vars.set_args(args)
+
+        def build(ddp):
+            config, overrides = training.get_megatron_optimizer_config(args)
+            return training.get_megatron_optimizer(config, [ddp], config_overrides=overrides)
+        full, opt = train(tp, distributed_optimizer, "col", make_optimizer=build)
+        wrappers = getattr(opt, "chained_optimizers", [opt])
+        assert {type(w.optimizer).__name__ for w in wrappers} == {"MOGA"}
+        assert all(w.optimizer.defaults["hidden_mult"] == 5.0 and w.optimizer.defaults["norm"] == "col"
+                   for w in wrappers)
+        if distributed_optimizer:
+            assert {type(w).__name__ for w in wrappers} == {"MOGADistributedOptimizer"}
+        for name, w in want.items():
+            err = (full[name] - w).abs().max().item() / w.abs().max().item()
+            assert err <= 1e-6, (tp, distributed_optimizer, name, err)

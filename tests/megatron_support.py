@@ -100,3 +100,14 @@ def apply_model_shims(seed=1234):
         return buf[:n].view(*shape)
 
     mu.GlobalMemoryBuffer.get_tensor = get_tensor
+
+
+def allow_python_3_12_typing():
+    """megatron-core >= 0.18 (Requires-Python >= 3.12) imports typing.override, new in 3.12; the
+    side environment runs it on 3.11 (installed with --ignore-requires-python)."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override

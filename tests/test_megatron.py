@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
+from moga_dist.engines.megatron import REGISTRY_VERSION, register  # noqa: E402
 from megatron_cases import (bf16_wrapper, megatron_job, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
                             save_at_tp2, save_distopt_at_dp2, sharded)
 
@@ -19,6 +20,14 @@ def megatron_reference(tmp_path_factory):
 @pytest.mark.distributed
 def test_megatron_tp2_and_dp2_equal_tp1(megatron_reference):
     spawn(2, sharded, megatron_reference, [(2, False), (1, False), (1, True), (2, True)])
+
+
+@pytest.mark.distributed
+def test_megatron_tp2_with_biases_equals_tp1(tmp_path):
+    """Megatron's default add_bias_linear=True: column-parallel biases are TP-sharded 1-D tensors."""
+    path = str(tmp_path / "tp1_bias.pt")
+    spawn(1, reference, path, True)
+    spawn(2, sharded, path, [(2, False), (2, True)], True)
 
 
 @pytest.mark.distributed
@@ -59,21 +68,38 @@ def test_megatron_job_refuses_zero_stage_2():
         MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=2"]))
 
 
-def _needs_registry():
+def _has_registry() -> bool:
     import megatron.core
     from packaging.version import Version
 
-    if Version(megatron.core.__version__) < Version("0.17"):
-        pytest.skip(f"megatron-core {megatron.core.__version__} has no emerging-optimizer registry (0.17+)")
+    return Version(megatron.core.__version__) >= Version(REGISTRY_VERSION)
+
+
+def _needs_registry():
+    import megatron.core
+
+    if not _has_registry():
+        pytest.skip(f"megatron-core {megatron.core.__version__} has no emerging-optimizer registry "
+                    f"(first in {REGISTRY_VERSION})")
+
+
+def test_megatron_register_without_registry_names_the_version_it_needs():
+    import megatron.core
+
+    if _has_registry():
+        pytest.skip(f"megatron-core {megatron.core.__version__} has the registry")
+    with pytest.raises(RuntimeError, match=rf"needs megatron-core >= {REGISTRY_VERSION}.*installed: "
+                                           rf"{megatron.core.__version__}"):
+        register()
 
 
 @pytest.mark.distributed
-def test_megatron_registry_of_0_17_takes_optimizer_moga(megatron_reference):
+def test_megatron_registry_of_0_18_takes_optimizer_moga(megatron_reference):
     _needs_registry()
     spawn(2, registry, megatron_reference)
 
 
 @pytest.mark.distributed
-def test_megatron_registry_of_0_17_bf16_step_equals_float64_reference():
+def test_megatron_registry_of_0_18_bf16_step_equals_float64_reference():
     _needs_registry()
     spawn(2, bf16_wrapper, 2, False, True)

@@ -189,7 +189,7 @@ def _init_state(opt: MOGA, config=None) -> None:
 
 
 class _RegistryMOGA(MOGA):
-    """MOGA as megatron-core 0.17+'s emerging-optimizer registry builds it: from Megatron's param
+    """MOGA as megatron-core 0.18+'s emerging-optimizer registry builds it: from Megatron's param
     groups plus the metadata config_to_kwargs reads off the model. Megatron then wraps it in
     FP32Optimizer, or for bf16 in Float16OptimizerWithFloat16Params, which swaps each bf16
     parameter in its group slot for an fp32 main copy; the copy inherits the slot's metadata."""
@@ -221,16 +221,24 @@ class _RegistryMOGA(MOGA):
         return super().step(closure)
 
 
-def register(name: str = "moga", settings: Mapping | None = None) -> bool:
-    """Register MOGA under `name` in megatron-core 0.17+'s emerging-optimizer registry, so that
+REGISTRY_VERSION = "0.18.0"       # first megatron-core with megatron/core/optimizer/emerging_optimizers.py
+
+
+def register(name: str = "moga", settings: Mapping | None = None) -> None:
+    """Register MOGA under `name` in megatron-core 0.18+'s emerging-optimizer registry, so that
     Megatron's own get_megatron_optimizer accepts OptimizerConfig(optimizer="moga") (for every
-    parameter: MOGA has its own rules for embeddings, head and vectors). Returns False where the
-    registry does not exist (0.16: use moga_dist.engines.megatron.get_megatron_optimizer)."""
-    try:
-        import megatron.core.optimizer as mopt
-        from megatron.core.optimizer.emerging_optimizers import EmergingOptimizerEntry, _EMERGING_OPTIMIZERS
-    except ImportError:
-        return False
+    parameter: MOGA has its own rules for embeddings, head and vectors). Raises RuntimeError on an
+    older megatron-core (0.16/0.17 have no registry: use moga_dist.engines.megatron.get_megatron_optimizer)."""
+    import importlib.util
+
+    import megatron.core
+    import megatron.core.optimizer as mopt
+    if importlib.util.find_spec("megatron.core.optimizer.emerging_optimizers") is None:
+        raise RuntimeError(
+            f"moga_dist.engines.megatron.register() needs megatron-core >= {REGISTRY_VERSION} (its emerging-optimizer "
+            f"registry); installed: {megatron.core.__version__}. On this version build MOGA with "
+            "moga_dist.engines.megatron.get_megatron_optimizer(config, model_chunks, moga={...})")
+    from megatron.core.optimizer.emerging_optimizers import EmergingOptimizerEntry, _EMERGING_OPTIMIZERS
     # The gate only checks for the emerging-optimizers package, which MOGA does not use.
     mopt.HAVE_EMERGING_OPTIMIZERS = True
     fixed = dict(settings or {})
@@ -245,4 +253,3 @@ def register(name: str = "moga", settings: Mapping | None = None) -> bool:
 
     _EMERGING_OPTIMIZERS[name] = EmergingOptimizerEntry(optimizer_cls=_RegistryMOGA, init_state_fn=_init_state,
                                                         config_to_kwargs=config_to_kwargs, default_param_overrides={})
-    return True

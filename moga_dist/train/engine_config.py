@@ -1,6 +1,7 @@
 """The DeepSpeed JSON, generated from a RunConfig (never hand-copied next to the preset)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from .config import RunConfig, accumulation_steps
@@ -32,18 +33,26 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
 
 def megatron_args(cfg: RunConfig) -> list[str]:
     """Megatron-LM `pretrain_gpt.py` flags for the preset (LLaMA: RMSNorm, SwiGLU, RoPE, GQA,
-    untied head, no biases). The optimizer itself is chosen through moga_dist.engines.megatron."""
+    untied head, no biases), selecting MOGA with the preset's [optimizer.moga] settings: run them
+    with `python -m moga_dist.engines.megatron_lm pretrain_gpt.py <flags>`, which accepts them."""
+    from ..engines.megatron_lm import to_flags
+
+    if cfg.optimizer.name != "moga":
+        raise ValueError(f"optimizer.name={cfg.optimizer.name!r}: Megatron-LM flags are generated for 'moga' only "
+                         "(an AdamW baseline is Megatron-LM's own --optimizer adam with its own flags)")
     m, t, p = cfg.model, cfg.training, cfg.parallel
+    moga = dataclasses.asdict(cfg.optimizer.moga)
+    lr, weight_decay = moga.pop("lr"), moga.pop("weight_decay")
     args = ["--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.intermediate_size,
             "--num-attention-heads", m.num_heads, "--seq-length", m.max_seq_len,
             "--max-position-embeddings", m.max_seq_len, "--normalization", "RMSNorm", "--norm-epsilon", m.rms_norm_eps,
             "--swiglu", "--position-embedding-type", "rope", "--rotary-base", int(m.rope_theta),
             "--disable-bias-linear", "--micro-batch-size", t.micro_batch_size,
             "--global-batch-size", t.global_batch_size, "--train-iters", t.steps, "--lr-warmup-iters", t.warmup_steps,
-            "--lr-decay-style", "cosine", "--lr", cfg.optimizer.moga.lr,
-            "--min-lr", cfg.optimizer.moga.lr * t.min_lr_ratio, "--weight-decay", cfg.optimizer.moga.weight_decay,
+            "--lr-decay-style", "cosine", "--lr", lr, "--min-lr", lr * t.min_lr_ratio, "--weight-decay", weight_decay,
             "--clip-grad", t.gradient_clipping, "--tensor-model-parallel-size", p.tensor_parallel,
-            "--pipeline-model-parallel-size", p.pipeline_parallel, "--seed", t.seed]
+            "--pipeline-model-parallel-size", p.pipeline_parallel, "--seed", t.seed, "--optimizer", "moga",
+            *to_flags(moga)]
     if cfg.engine.zero_stage >= 1:
         args += ["--use-distributed-optimizer"]
     if m.num_kv_heads != m.num_heads:

@@ -71,6 +71,9 @@ class StatReducer:
         key); a rank that holds nothing of a parameter passes zeros for it (a "ghost"). A group
         with no shared slot this step still carries the flag (4 bytes): no rank is left waiting."""
         for key in sorted(self.stage, key=lambda k: (self.stage[k], k)):
+            if key not in self.process_groups:
+                raise ValueError(f"process group {key!r} is not set: a copied or unpickled MOGA keeps its layouts "
+                                 f"but not process-group handles; call set_process_group({key!r}, group)")
             views = [stats[s:e] for plan, stats in items for s, e in plan.group_slots.get(key, ())]
             if group_size(self.process_groups[key]) > 1:
                 self._all_reduce(key, views, flag)

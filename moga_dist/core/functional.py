@@ -37,6 +37,7 @@ class Piece:
     eps: float
     name: str = ""
     one_pass: bool = False      # set by the step program: the backend updates it in phase A
+    lookahead_buffer: torch.Tensor | None = None   # phase A -> phase B only, released by the step
 
     def scale_of(self, run) -> float:
         """The lr multiplier of `run`'s block (None: the whole piece)."""
@@ -49,7 +50,7 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
 
 def direction_source(piece: Piece) -> torch.Tensor:
     """The tensor whose normalization is the update: the momentum, or the lookahead blend."""
-    return piece.momentum if piece.lookahead is None else piece._lookahead  # type: ignore[attr-defined]
+    return piece.momentum if piece.lookahead is None else piece.lookahead_buffer
 
 
 def stats_size(piece: Piece) -> int:
@@ -64,19 +65,19 @@ def phase_a(piece: Piece, stats: torch.Tensor) -> None:
     w = 1.0 - piece.beta
     if piece.lookahead is not None:
         # Lookahead (Alg. 1's β2) blends the *old* buffer with g, so it is taken before the update.
-        piece._lookahead = m.lerp(g.float(), 1.0 - piece.lookahead)  # type: ignore[attr-defined]
+        piece.lookahead_buffer = m.lerp(g.to(m.dtype), 1.0 - piece.lookahead)
     plan = piece.plan
     if plan is None:
-        m.lerp_(g.float() if g.dtype != torch.float32 else g, w)
-        torch.linalg.vector_norm(direction_source(piece), 1, out=stats[0])
+        m.lerp_(g.to(m.dtype), w)
+        stats[0] = torch.linalg.vector_norm(direction_source(piece), 1)
         return
     for run in plan.runs:
         n = run.nrows * run.ncols
         m2 = m[run.offset:run.offset + n].view(run.nrows, run.ncols)
         g2 = g[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        m2.lerp_(g2.float() if g2.dtype != torch.float32 else g2, w)
+        m2.lerp_(g2.to(m2.dtype), w)
         u = m2 if piece.lookahead is None else \
-            piece._lookahead[run.offset:run.offset + n].view(run.nrows, run.ncols)  # type: ignore[attr-defined]
+            piece.lookahead_buffer[run.offset:run.offset + n].view(run.nrows, run.ncols)
         dim = 1 if plan.axis == "row" else 0
         part = torch.linalg.vector_norm(u, piece.exponent, dim=dim).pow_(piece.exponent)
         k = part.numel()
@@ -104,10 +105,10 @@ def phase_b(piece: Piece, inv: torch.Tensor) -> None:
     plan = piece.plan
     if plan is None:
         alpha = piece.lr * piece.scales[0]
-        if p.dtype == torch.float32:
+        if p.dtype == u.dtype:
             p.mul_(piece.decay).add_(u.sign(), alpha=-alpha)
         else:
-            p.copy_(p.float().mul_(piece.decay).add_(u.sign(), alpha=-alpha))
+            p.copy_(p.to(u.dtype).mul_(piece.decay).add_(u.sign(), alpha=-alpha))
         return
     for run in plan.runs:
         n = run.nrows * run.ncols
@@ -118,10 +119,10 @@ def phase_b(piece: Piece, inv: torch.Tensor) -> None:
         scale = inv[run.stat_start:run.stat_start + k]
         scale = scale.view(-1, 1) if plan.axis == "row" else scale.view(1, -1)
         d = _direction(u2, piece.exponent)
-        if p2.dtype == torch.float32:
-            p2.mul_(piece.decay).addcmul_(d, scale, value=-alpha)
+        if p2.dtype == u2.dtype:
+            p2.mul_(piece.decay).addcmul_(d, scale.to(u2.dtype), value=-alpha)
         else:
-            p2.copy_(p2.float().mul_(piece.decay).addcmul_(d, scale, value=-alpha))
+            p2.copy_(p2.to(u2.dtype).mul_(piece.decay).addcmul_(d, scale, value=-alpha))
 
 
 def undo_momentum(piece: Piece, refused: torch.Tensor | None = None) -> None:
@@ -131,7 +132,8 @@ def undo_momentum(piece: Piece, refused: torch.Tensor | None = None) -> None:
     Exact up to rounding where the gradient was finite; entries whose gradient was not finite
     cannot be recovered and are reset to zero.
     """
-    m, g = flat_view(piece.momentum), flat_view(piece.grad).float()
+    m = flat_view(piece.momentum)
+    g = flat_view(piece.grad).to(m.dtype)
     if piece.beta == 0.0:
         old = torch.zeros_like(m)
     else:

@@ -111,7 +111,14 @@ class MOGA(torch.optim.Optimizer):
         declare_dtensors(self, [p for g in self.param_groups for p in g["params"]])
 
     def add_param_group(self, param_group):
-        """torch.optim's add_param_group, remembering which tensors MOGA was given."""
+        """torch.optim's add_param_group, remembering which tensors MOGA was given; complex
+        tensors are refused (a row norm of complex numbers is another algorithm)."""
+        params = param_group["params"] if isinstance(param_group, Mapping) else param_group
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, t in enumerate(params):
+            if isinstance(t, torch.Tensor) and t.is_complex():
+                raise ValueError(f"parameter {i} of a group is complex ({t.dtype}): MOGA supports real floating "
+                                 "tensors only; view it as real (torch.view_as_real) or use another optimizer")
         super().add_param_group(param_group)
         if not hasattr(self, "tensors"):        # Optimizer.__init__ adds the first groups
             self.tensors = TensorRegistry()
@@ -151,12 +158,13 @@ class MOGA(torch.optim.Optimizer):
     def declare_flat_buffer(self, buffer: torch.Tensor, segments: list[FlatSegment], base_lr: float) -> None:
         """Declare `buffer` (a 1-D tensor of the param groups) as segments of parameters, each
         updated as its own parameter with its own layout and options; a segment's lr is
-        options["lr"] * group["lr"] / base_lr, so a schedule on the buffer's group applies."""
+        options["lr"] * group["lr"] / base_lr, so a schedule on the buffer's group applies (with
+        base_lr 0, the group's lr itself: there is no ratio to keep)."""
         self._check_member(buffer)
         if buffer.dim() != 1:
             raise ValueError(f"a flat buffer must be 1-D, got shape {tuple(buffer.shape)}")
-        if not base_lr > 0:
-            raise ValueError(f"base_lr={base_lr!r}: must be > 0 (segment lrs are relative to it)")
+        if not base_lr >= 0:
+            raise ValueError(f"base_lr={base_lr!r}: must be >= 0 (segment lrs are relative to it)")
         for seg in segments:
             if seg.start < 0 or seg.start + seg.numel > buffer.numel():
                 raise ValueError(f"segment {seg.name!r} [{seg.start}, {seg.start + seg.numel}) lies outside "
@@ -328,18 +336,19 @@ class MOGA(torch.optim.Optimizer):
             if flat is None:
                 lr = override.get("lr", group["lr"])
             else:
-                lr = flat[0] * group["lr"] / flat[1]
+                lr = flat[0] * group["lr"] / flat[1] if flat[1] else group["lr"]
             piece.lr = lr
             piece.decay = 1.0 - lr * override.get("weight_decay", group["weight_decay"]) if decayed else 1.0
         program.bind()
         return program
 
     def init_state(self, tensor: torch.Tensor) -> dict:
-        """The tensor's state, created if missing: fp32 `momentum_buffer` of its shape and `step` 0."""
+        """The tensor's state, created if missing: `momentum_buffer` of its shape (fp32; float64
+        for a float64 tensor, whose math then stays float64) and `step` 0."""
         state = self.state[tensor]
         if "momentum_buffer" not in state:
             # zeros_like: a DTensor parameter gets a DTensor momentum of its placements.
-            state["momentum_buffer"] = torch.zeros_like(tensor, dtype=torch.float32,
+            state["momentum_buffer"] = torch.zeros_like(tensor, dtype=momentum_dtype(tensor),
                                                        memory_format=torch.contiguous_format)
             state["step"] = 0
         return state
@@ -452,6 +461,37 @@ class MOGA(torch.optim.Optimizer):
             "were restored to their pre-step values (to float rounding; momentum entries whose gradient "
             "was non-finite reset to 0). Lower the learning rate, enable gradient clipping, or skip this batch.")
 
+    # ----- copies and pickles ----------------------------------------------------------------
+    def __getstate__(self):
+        """torch.optim's state plus MOGA's settings and declarations, keyed by parameter position
+        (ids change in a copy). Process-group handles are not carried: set_process_group again."""
+        state = super().__getstate__()
+        position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        t = self.tensors
+        state["moga"] = dict(
+            backend=self._backend, sync_free=self.sync_free, save_layouts=self.save_layouts,
+            stage=dict(self.reducer.stage), ghosts=list(t.ghosts),
+            **{name: {position[k]: v for k, v in table.items() if k in position}
+               for name, table in (("layouts", t.layouts), ("options", t.options), ("order", t.order),
+                                   ("flat", t.flat))})
+        return state
+
+    def __setstate__(self, state):
+        extra = state.pop("moga", None)
+        super().__setstate__(state)
+        if extra is None:           # an object pickled by torch.optim's own machinery
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.tensors = TensorRegistry(known={id(p) for p in params}, ghosts=extra["ghosts"])
+        self.tensors.index_names(self.param_groups)
+        for name in ("layouts", "options", "order", "flat"):
+            getattr(self.tensors, name).update({id(params[i]): v for i, v in extra[name].items()})
+        self.reducer = StatReducer(None)
+        self.reducer.stage = dict(extra["stage"])
+        self._backend, self.sync_free, self.save_layouts = extra["backend"], extra["sync_free"], extra["save_layouts"]
+        self.skipped_steps, self._suspended = None, False
+        self._static_cache, self._step_program = {}, None
+
     # ----- checkpoints -----------------------------------------------------------------------
     def state_dict(self):
         """torch.optim state dict plus each parameter's layout, to refuse a foreign layout."""
@@ -481,7 +521,12 @@ class MOGA(torch.optim.Optimizer):
         index = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(index, params):
             if i in momenta:
-                self.state[p]["momentum_buffer"] = momenta[i].to(device=p.device, dtype=torch.float32)
+                self.state[p]["momentum_buffer"] = momenta[i].to(device=p.device, dtype=momentum_dtype(p))
+
+
+def momentum_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32 momentum for fp32 and lower precision; float64 tensors keep float64 throughout."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _plain(obj):

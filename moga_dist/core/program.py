@@ -74,6 +74,7 @@ class StepProgram:
         """Drop this step's gradient references."""
         for pc in self.pieces:
             pc.grad = None
+            pc.lookahead_buffer = None
         for b in self.batches:
             b.release()
 

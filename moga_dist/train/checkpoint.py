@@ -90,7 +90,8 @@ def has_checkpoints(ckpt_dir: Path) -> bool:
     return bool(checkpoint_tags(ckpt_dir)) or (Path(ckpt_dir) / LATEST).exists()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -111,7 +112,7 @@ def _file_problem(directory: Path, rel: str, entry: dict) -> str | None:
     path = directory / rel
     if not path.is_file():
         return f"{rel}: missing"
-    if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+    if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
         return f"{rel}: checksum mismatch (damaged)"
     if rel == META:
         try:
@@ -220,13 +221,13 @@ def save(save_fn, ckpt_dir: Path, step: int, meta: dict, keep: int, group: Group
     notes: list[str] = []
     if not errors:
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        sums = _spread(files, lambda rel: {"sha256": _sha256(tmp / rel), "bytes": (tmp / rel).stat().st_size},
+        sums = _spread(files, lambda rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size},
                        group)
         finishing = []
         if rank0:
             try:
                 atomic_write(tmp / META, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-                sums[META] = {"sha256": _sha256(tmp / META), "bytes": (tmp / META).stat().st_size}
+                sums[META] = {"sha256": sha256_file(tmp / META), "bytes": (tmp / META).stat().st_size}
                 # Written last: a directory without it is incomplete.
                 atomic_write(tmp / MANIFEST, json.dumps({"format": 1, "files": sums}, indent=1, sort_keys=True))
             except OSError as exc:

@@ -6,6 +6,7 @@ JSON is generated from the preset (engine_config.py), never written by hand.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -219,6 +220,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage}; allowed: 0, 1, 2")
     if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise ValueError("training.steps, micro_batch_size and global_batch_size must be >= 1")
+    for name, value in (("optimizer.moga.lr", cfg.optimizer.moga.lr), ("optimizer.adamw.lr", cfg.optimizer.adamw.lr)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value}: allowed a finite number >= 0")
     if t.max_skipped_steps < 0:
         raise ValueError(f"training.max_skipped_steps={t.max_skipped_steps}; allowed: >= 0")
     if m.vocab_size < 256 and cfg.data.corpus:

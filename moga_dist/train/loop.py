@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -104,51 +103,56 @@ def run(cfg: RunConfig, backend=None) -> dict:
     end = t.steps if t.stop_at_step is None else min(t.steps, t.stop_at_step)
     if start >= end:            # already finished (e.g. the same command run twice): just report
         val_loss = _mean(backend.eval_losses(corpus), world)
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        try:
-            losses = backend.train_step(step, accum, corpus)
-        except NonFiniteGradientError as exc:
-            raise TrainingDiverged(f"step {step + 1}: MOGA refused the step ({exc}); stopped. The last "
-                                   f"checkpoint, {last_tag or 'none'}, is kept") from None
-        elapsed = time.perf_counter() - t0
-        if step > start:                       # the first step pays for kernel builds and caches
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + elapsed
-        done = step + 1
-        bad_loss, skipped = _agree([float(not all(math.isfinite(v) for v in losses)),
-                                    float(backend.skipped_steps() - skipped_at_start)], world)
-        if bad_loss:
-            raise TrainingDiverged(f"step {done}: non-finite training loss; stopped. The last checkpoint, "
-                                   f"{last_tag or 'none'}, is kept (lower optimizer.*.lr?)")
-        if skipped > t.max_skipped_steps:
-            raise TrainingDiverged(f"step {done}: the engine skipped {int(skipped)} steps (non-finite gradients) "
-                                   f"since step {start}, more than training.max_skipped_steps="
-                                   f"{t.max_skipped_steps}; stopped. The last checkpoint, {last_tag or 'none'}, "
-                                   "is kept (lower optimizer.*.lr?)")
-        loss_now = _mean(losses, world) if done % t.log_every == 0 or done == end else None
-        if loss_now is not None:
-            last_loss = loss_now
-        if done % t.eval_every == 0 or done == end:
-            val_loss = _mean(backend.eval_losses(corpus), world)
-        if done % cfg.checkpoint.every == 0 or done == end:
-            if _agree([float(not backend.state_finite())], world)[0]:
-                raise TrainingDiverged(f"step {done}: weights or optimizer state hold NaN/Inf; not writing this "
-                                       f"checkpoint. The last checkpoint, {last_tag or 'none'}, is kept")
-            last_tag, moved = checkpoint.save(backend.save, ckpt_dir, done, {**meta, "train_loss": last_loss},
-                                              cfg.checkpoint.keep, group)
-            for note in moved:
-                _say(rank, note)
-            notes += moved
-        if rank == 0:
-            tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else 0.0
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            try:
+                losses = backend.train_step(step, accum, corpus)
+            except NonFiniteGradientError as exc:
+                raise TrainingDiverged(f"step {step + 1}: MOGA refused the step ({exc}); stopped. The last "
+                                       f"checkpoint, {last_tag or 'none'}, is kept") from None
+            elapsed = time.perf_counter() - t0
+            if step > start:                       # the first step pays for kernel builds and caches
+                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + elapsed
+            done = step + 1
+            bad_loss, skipped = _agree([float(not all(math.isfinite(v) for v in losses)),
+                                        float(backend.skipped_steps() - skipped_at_start)], world)
+            if bad_loss:
+                raise TrainingDiverged(f"step {done}: non-finite training loss; stopped. The last checkpoint, "
+                                       f"{last_tag or 'none'}, is kept (lower optimizer.*.lr?)")
+            if skipped > t.max_skipped_steps:
+                raise TrainingDiverged(f"step {done}: the engine skipped {int(skipped)} steps (non-finite gradients) "
+                                       f"since step {start}, more than training.max_skipped_steps="
+                                       f"{t.max_skipped_steps}; stopped. The last checkpoint, {last_tag or 'none'}, "
+                                       "is kept (lower optimizer.*.lr?)")
+            loss_now = _mean(losses, world) if done % t.log_every == 0 or done == end else None
             if loss_now is not None:
-                writer.add_scalar("train/loss", loss_now, done)
-                writer.add_scalar("train/lr", backend.lr(), done)
-                writer.add_scalar("train/tokens_per_s", tps, done)
-                bar.set_postfix(loss=f"{loss_now:.3f}", tok_s=f"{tps:,.0f}")
+                last_loss = loss_now
             if done % t.eval_every == 0 or done == end:
-                writer.add_scalar("val/loss", val_loss, done)
-            bar.update(1)
+                val_loss = _mean(backend.eval_losses(corpus), world)
+            if done % cfg.checkpoint.every == 0 or done == end:
+                if _agree([float(not backend.state_finite())], world)[0]:
+                    raise TrainingDiverged(f"step {done}: weights or optimizer state hold NaN/Inf; not writing this "
+                                           f"checkpoint. The last checkpoint, {last_tag or 'none'}, is kept")
+                last_tag, moved = checkpoint.save(backend.save, ckpt_dir, done, {**meta, "train_loss": last_loss},
+                                                  cfg.checkpoint.keep, group)
+                for note in moved:
+                    _say(rank, note)
+                notes += moved
+            if rank == 0:
+                tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else 0.0
+                if loss_now is not None:
+                    writer.add_scalar("train/loss", loss_now, done)
+                    writer.add_scalar("train/lr", backend.lr(), done)
+                    writer.add_scalar("train/tokens_per_s", tps, done)
+                    bar.set_postfix(loss=f"{loss_now:.3f}", tok_s=f"{tps:,.0f}")
+                if done % t.eval_every == 0 or done == end:
+                    writer.add_scalar("val/loss", val_loss, done)
+                bar.update(1)
+    finally:
+        if rank == 0:       # also on a failure: the message then starts on a line of its own
+            bar.close()
+            writer.close()
 
     summary = {"name": cfg.name, "steps": end, "resumed_from": start, "world_size": world,
                "engine": cfg.parallel.engine, "optimizer": cfg.optimizer.name, "layout": backend.describe(),
@@ -157,8 +161,6 @@ def run(cfg: RunConfig, backend=None) -> dict:
                "checkpoint": str(ckpt_dir / last_tag) if last_tag else None, "tensorboard": str(log_dir),
                "checkpoint_notes": notes}
     if rank == 0:
-        bar.close()
-        writer.close()
         checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         print(format_summary(summary, backend.on_cpu), flush=True)
     return summary
@@ -178,7 +180,3 @@ def format_summary(s: dict, on_cpu: bool) -> str:
         f"  tensorboard {s['tensorboard']}   (view: tensorboard --logdir {s['tensorboard']})",
     ])
 
-
-def cpu_threads(local_world: int) -> None:
-    """Split the cores between the processes of this node."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))

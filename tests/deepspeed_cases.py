@@ -99,7 +99,9 @@ def worker(rank, world):
     # for them 98% of the elements must be within that bound. The fp32 runs above are the exact proof.
     torch.manual_seed(0)
     init = [p.detach().float() for p in Tiny().parameters()]
-    whole = engine_run(rank, world, 0, 0.0, data, micro, accum, bf16=True).module
+    whole_engine = engine_run(rank, world, 0, 0.0, data, micro, accum, bf16=True)
+    assert_moga_ran(whole_engine.basic_optimizer, STEPS)     # DeepSpeed's zero-gradient set-up step not counted
+    whole = whole_engine.module
     for stage in (1, 2):
         flat = engine_run(rank, world, stage, 0.0, data, micro, accum, bf16=True).module
         for (name, a), b, w0 in zip(whole.named_parameters(), flat.parameters(), init):

@@ -71,6 +71,7 @@ def hf_trainer(rank, world):
     import moga_dist.engines.deepspeed as mds
 
     mds.skip_shm_comm_build()
+    optimizers_tuple_is_refused(world)
     tokens = torch.cat(batches(MICRO * world, STEPS))
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
     settings = {k: v for k, v in HP.items() if k != "weight_decay"}     # the Trainer's groups set it
@@ -90,13 +91,11 @@ def hf_trainer(rank, world):
     compare(trainer.model, ref, "HF Trainer ZeRO-2", 1e-5)
 
 
-def hf_trainer_optimizers_tuple(rank, world):
-    """Trainer(optimizers=(MOGA(...), None)) under DeepSpeed: transformers would train AdamW."""
+def optimizers_tuple_is_refused(world):
+    """Trainer(optimizers=(MOGA(...), None)) under DeepSpeed: transformers would train AdamW.
+    (Run inside the hf_trainer worker, so the default run starts the Trainer's processes once.)"""
     from transformers import Trainer, TrainingArguments
 
-    import moga_dist.engines.deepspeed as mds
-
-    mds.skip_shm_comm_build()
     model = tiny_llama()
     dataset = [{"input_ids": t, "labels": t} for t in torch.cat(batches(MICRO * world, STEPS))]
     args = TrainingArguments(deepspeed=dict(TRAINER_DS), **trainer_args(_shared_tmp(), world))

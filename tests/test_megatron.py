@@ -1,12 +1,13 @@
 """MOGA through Megatron-core's wrappers equals TP=1 x DP=1 at TP=2, DP=2 and TP=2 x DP=2, with and
 without the distributed optimizer, for the row and column variants (QKV and gate/up per block)."""
 import pytest
+import torch
 
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
 from moga_dist.engines.megatron import REGISTRY_VERSION, register  # noqa: E402
-from megatron_cases import (bf16_wrapper, megatron_job, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
+from megatron_cases import (bf16_wrapper, megatron_job, pipeline, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
                             save_at_tp2, save_distopt_at_dp2, sharded)
 
 
@@ -28,6 +29,13 @@ def test_megatron_tp2_with_biases_equals_tp1(tmp_path):
     path = str(tmp_path / "tp1_bias.pt")
     spawn(1, reference, path, True)
     spawn(2, sharded, path, [(2, False), (2, True)], True)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,tp,pp", [(2, 1, 2), pytest.param(4, 2, 2, marks=pytest.mark.slow)],
+                         ids=["pp2", "tp2_x_pp2"])
+def test_megatron_pipeline_parallel_equals_tp1(megatron_reference, world, tp, pp):
+    spawn(world, pipeline, megatron_reference, tp, pp)
 
 
 @pytest.mark.distributed
@@ -66,6 +74,23 @@ def test_megatron_job_refuses_zero_stage_2():
 
     with pytest.raises(ValueError, match="zero_stage=2 with parallel.engine='megatron': allowed 0"):
         MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=2"]))
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["ep1", "ep2"])
+def test_megatron_experts_are_refused_by_name(ep):
+    """A mixture-of-experts config is refused before any layout is built (its expert groups and
+    grouped GEMMs are not described yet): the message names the setting and what is allowed."""
+    from megatron.core.transformer import TransformerConfig
+
+    from moga_dist.engines.megatron import describe_params
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=4,
+                            moe_router_topk=2, expert_model_parallel_size=ep, use_cpu_initialization=True)
+    chunk = torch.nn.Linear(64, 64)
+    chunk.config = cfg
+    with pytest.raises(ValueError, match=rf"num_moe_experts=4 \(expert_model_parallel_size={ep}\).*allowed: "
+                                         r"num_moe_experts=None"):
+        describe_params([chunk], 0, 1)
 
 
 def _has_registry() -> bool:

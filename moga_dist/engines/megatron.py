@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from . import megatron_distopt
-from ..core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+from ..core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit, clip_ranges
 from ..core.optimizer import MOGA
 
 _ADAM_ONLY = ("betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
@@ -39,6 +39,7 @@ def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, Param
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
         tcfg = getattr(module, "config", None)
+        _refuse_experts(tcfg)
         for name, p in module.named_parameters():
             local = list(p.shape)
             tp = None
@@ -57,6 +58,17 @@ def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, Param
             out[id(p)] = ParamInfo(len(out), name, role,
                                    ShardLayout(global_shape, tp=tp, row_blocks=blocks))
     return out
+
+
+def _refuse_experts(tcfg) -> None:
+    """Mixture-of-experts models are refused by name: expert weights live in their own expert-parallel
+    and expert-TP groups (and grouped GEMMs stack experts in one tensor), which this adapter does
+    not describe yet; a dense TP layout for them would normalize the wrong rows."""
+    experts = getattr(tcfg, "num_moe_experts", None)
+    if experts:
+        raise ValueError(f"TransformerConfig.num_moe_experts={experts} (expert_model_parallel_size="
+                         f"{getattr(tcfg, 'expert_model_parallel_size', 1)}): mixture-of-experts models are not "
+                         "supported with MOGA yet; allowed: num_moe_experts=None (dense models)")
 
 
 def _row_blocks(name: str, global_shape, tcfg) -> RowBlocks | None:
@@ -131,11 +143,7 @@ def _flat_ranges(buffer, model_param) -> tuple[tuple[int, int], ...]:
     bucket = buffer.buckets[bucket_index]
     dp = buffer.data_parallel_group.size()
     chunk = bucket.grad_data.numel() // dp
-    ranges = []
-    for k in range(dp):
-        lo, hi = bucket.offset + k * chunk, bucket.offset + (k + 1) * chunk
-        ranges.append((min(max(lo - start, 0), end - start), min(max(hi - start, 0), end - start)))
-    return tuple(ranges)
+    return clip_ranges([bucket.offset + k * chunk for k in range(dp + 1)], start, end - start)
 
 
 def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -> None:

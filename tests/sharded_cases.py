@@ -1,11 +1,14 @@
 """Workers for the sharded-vs-unsharded tests. Shards are cut here with plain slicing, independent
 of moga_dist.core.plan, and every rank checks the gathered result and its own communication."""
+import json
 import math
+import os
 
 import torch
 import torch.distributed as dist
 
 from moga_dist import MOGA, FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
+from moga_dist.core.layout import clip_ranges
 
 STEPS = 3
 HP = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
@@ -64,8 +67,7 @@ def flat_ranges(specs, tp_world, dp_world, mode):
         bounds[-1] = total
     out, offset = [], 0
     for n in sizes:
-        out.append(tuple((min(max(bounds[k] - offset, 0), n), min(max(bounds[k + 1] - offset, 0), n))
-                         for k in range(dp_world)))
+        out.append(clip_ranges(bounds, offset, n))
         offset += n
     return out
 
@@ -162,7 +164,15 @@ def run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups, b
     return expected
 
 
-def worker(rank, world, backend="auto"):
+def case_ids(world):
+    """The test id of every (case, norm) the worker runs at `world` ranks."""
+    return [f"{name}-{norm}" for name, *_ in cases(world) for norm in ("row", "col")]
+
+
+def worker(rank, world, backend="auto", out_dir=None):
+    """Run every case at `world` ranks. A case whose checks fail is recorded (with out_dir: into
+    out_dir/rank<r>.json, one entry per case id) and the next case runs, so each case is its own
+    test (test_sharded.py); the checks follow the last collective of a case, so ranks stay in step."""
     world_group = dist.new_group(list(range(world)))
     grid = {}
     if world == 4:   # Megatron order: TP ranks adjacent
@@ -174,11 +184,21 @@ def worker(rank, world, backend="auto"):
             g = dist.new_group(ranks)
             if rank in ranks:
                 grid["dp"] = g
+    outcome = {}
     for name, tp_world, dp_world, specs, mode in cases(world):
         groups = grid if (tp_world > 1 and dp_world > 1) else \
             ({"tp": world_group} if tp_world > 1 else {"dp": world_group})
         for norm in ("row", "col"):
-            run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups, backend)
+            try:
+                run_case(rank, world, name, tp_world, dp_world, specs, mode, norm, groups, backend)
+                outcome[f"{name}-{norm}"] = "ok"
+            except AssertionError as exc:
+                if out_dir is None:
+                    raise
+                outcome[f"{name}-{norm}"] = f"rank {rank}: {exc!r}"
+    if out_dir is not None:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(outcome, fh)
 
 
 def nonfinite_on_one_rank(rank, world):

@@ -114,9 +114,8 @@ def _worker(rank, world, tp, dp, norm, steps, queue):
         flat = None
         local = _local(shape, tp_dim, tp)
         if dp > 1:
-            ranges = tuple((min(max(k * part - start, 0), n), min(max((k + 1) * part - start, 0), n))
-                           for k in range(dp))
-            flat = FlatPartition(ranges, d)
+            flat = FlatPartition.from_bounds([k * part for k in range(dp + 1)], start, n, d)
+            ranges = flat.ranges
             local = (ranges[d][1] - ranges[d][0],)
         p = torch.nn.Parameter(torch.randn(local, generator=gen) * 0.02)
         layouts[p] = ShardLayout(shape, tp=split, flat=flat, row_blocks=blocks)

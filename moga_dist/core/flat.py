@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .layout import FlatPartition, ShardLayout
+from .layout import FlatPartition, ShardLayout, clip_ranges
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ def partition_segments(shapes: list[tuple[int, ...]], offsets: list[int], partit
         numel = 1
         for s in shape:
             numel *= s
-        ranges = tuple((min(max(k * partition_size - offset, 0), numel),
-                        min(max((k + 1) * partition_size - offset, 0), numel)) for k in range(world_size))
+        ranges = clip_ranges([k * partition_size for k in range(world_size + 1)], offset, numel)
         blocks = layouts[i].row_blocks if layouts and layouts[i] is not None else None
         layout = ShardLayout(tuple(shape), flat=FlatPartition(ranges, rank, group) if world_size > 1 else None,
                              row_blocks=blocks)

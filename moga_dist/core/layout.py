@@ -126,18 +126,18 @@ class FlatPartition:
         return self.ranges[self.rank]
 
     @staticmethod
-    def even(numel: int, world_size: int, rank: int, offset: int = 0, buffer_numel: int | None = None,
-             group: str = "dp") -> "FlatPartition":
-        """ZeRO-style partition: a flat buffer of `buffer_numel` (padded up to a multiple of
-        world_size) holds this tensor at `offset`; rank k owns buffer [k*P, (k+1)*P)."""
-        total = numel + offset if buffer_numel is None else buffer_numel
-        part = math.ceil(total / world_size)
-        ranges = []
-        for k in range(world_size):
-            s, e = k * part - offset, (k + 1) * part - offset
-            s, e = min(max(s, 0), numel), min(max(e, 0), numel)
-            ranges.append((s, e))
-        return FlatPartition(tuple(ranges), rank, group)
+    def from_bounds(bounds: list[int], offset: int, numel: int, rank: int, group: str = "dp") -> "FlatPartition":
+        """The partition of a tensor of `numel` elements at `offset` in a flat buffer of which
+        group rank k owns [bounds[k], bounds[k+1]) (len(bounds) = world size + 1)."""
+        return FlatPartition(clip_ranges(bounds, offset, numel), rank, group)
+
+
+def clip_ranges(bounds: list[int], offset: int, numel: int) -> tuple[tuple[int, int], ...]:
+    """Each rank's [start, end) of a tensor of `numel` elements at `offset` in a flat buffer that
+    rank k owns [bounds[k], bounds[k+1]) of; empty ranges where a rank owns none of the tensor."""
+    def clip(x: int) -> int:
+        return min(max(x - offset, 0), numel)
+    return tuple((clip(bounds[k]), clip(bounds[k + 1])) for k in range(len(bounds) - 1))
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,3 @@ class ShardLayout:
     def to_dict(self) -> dict:
         """Plain-data form (for checkpoints loadable with weights_only=True)."""
         return asdict(self)
-
-
-def whole(shape) -> ShardLayout:
-    """Layout of an unsharded tensor of `shape`."""
-    return ShardLayout(tuple(shape))

@@ -8,6 +8,7 @@ and packing needs no negotiation.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -61,13 +62,12 @@ def _local_row_blocks(layout: ShardLayout, tp_rank: int | None = None) -> torch.
     rb = layout.row_blocks
     pattern = torch.cat([torch.full((n,), b, dtype=torch.long, device="cpu") for n, b in rb.pattern])
     global_blocks = pattern.repeat(rb.repeats)
-    idx = torch.arange(local_rows, device="cpu")
     tp = layout.tp
     if tp is not None and tp.dim == 0:
-        rank = tp.rank if tp_rank is None else tp_rank
-        part_len = d_out // tp.stride
-        chunk = part_len // tp.world_size
-        idx = (idx // chunk) * part_len + rank * chunk + idx % chunk
+        split = tp if tp_rank is None else dataclasses.replace(tp, rank=tp_rank)
+        idx = torch.tensor([split.to_global(i, d_out) for i in range(local_rows)], dtype=torch.long, device="cpu")
+    else:
+        idx = torch.arange(local_rows, device="cpu")
     return global_blocks[idx]
 
 

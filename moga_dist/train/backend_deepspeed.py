@@ -11,7 +11,7 @@ import torch
 
 from .config import RunConfig
 from .engine_config import deepspeed_config
-from .loop import cpu_threads
+from .dist_env import cpu_threads
 from .safe_load import safe_checkpoint_engine
 
 

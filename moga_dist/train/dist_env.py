@@ -26,3 +26,10 @@ def discover() -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def cpu_threads(local_world: int) -> None:
+    """Split the cores between the processes of this node."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))

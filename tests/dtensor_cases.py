@@ -158,3 +158,62 @@ def equal_to_single_process(rank, world, dp, tp, norm, sizes):
             (norm, dict(counter.payload_bytes), d_in)
         assert dict(counter.calls) == {"dp": STEPS}, dict(counter.calls)
     dist.barrier()
+
+
+# ----- torch.distributed.checkpoint: save at one size, resume at another --------------------------
+SAVE_STEPS, RESUME_STEPS = 2, 2
+
+
+def _dcp_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def dcp_save(rank, world, path, norm, sizes):
+    """FSDP2 over all ranks: SAVE_STEPS steps, then a DCP checkpoint of the model and MOGA."""
+    import torch.distributed.checkpoint as dcp
+
+    vocab, d, f, mix = sizes
+    model, opt, mesh, _, _ = build(world, 1, vocab, d, f, mix, norm)
+    for step in range(SAVE_STEPS):
+        loss_of(model, *batch(step, rank, vocab)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    dcp.save(_dcp_state(model, opt), checkpoint_id=path)
+
+
+def dcp_resume(rank, world, path, saved_world, norm, sizes):
+    """Load the checkpoint at `world` ranks (FSDP2, or a plain model at 1), take RESUME_STEPS more
+    steps, and compare with uninterrupted single-process MOGA on the same batches."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    vocab, d, f, mix = sizes
+    model, opt, _, reference, ref_opt = build(world, 1, vocab, d, f, mix, norm)
+    state = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    for step in range(SAVE_STEPS):
+        (sum(loss_of(reference, *batch(step, r, vocab)) for r in range(saved_world)) / saved_world).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    for step in range(SAVE_STEPS, SAVE_STEPS + RESUME_STEPS):
+        loss_of(model, *batch(step, rank, vocab)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        (sum(loss_of(reference, *batch(step, r, vocab)) for r in range(world)) / world).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    ref = dict(reference.named_parameters())
+    w_err = m_err = 0.0
+    for name, p in model.named_parameters():
+        st = opt.state[p]
+        assert st["step"] == SAVE_STEPS + RESUME_STEPS, (name, st["step"])
+        full = (lambda t: t.full_tensor() if isinstance(t, DTensor) else t)
+        w_err = max(w_err, (full(p.detach()) - ref[name].detach()).abs().max().item())
+        m_err = max(m_err, (full(st["momentum_buffer"]) - ref_opt.state[ref[name]]["momentum_buffer"]).abs().max().item())
+    if rank == 0:
+        print(f"DCP {saved_world} -> {world} ranks, norm={norm}: max weight error {w_err:.2e}, momentum {m_err:.2e}")
+    assert w_err <= 1e-5 and m_err <= 1e-5, (saved_world, world, norm, w_err, m_err)

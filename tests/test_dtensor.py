@@ -1,10 +1,11 @@
 """DTensor parameters as they are: MOGA(param_groups(model)) over FSDP2 (fully_shard, uneven and
 empty shards), TP (parallelize_module) and FSDP2 x TP equals single-process MOGA on the same
-batches, and FSDP2's row norms send no statistics."""
+batches, and FSDP2's row norms send no statistics; MOGA's state saved through
+torch.distributed.checkpoint at 2 ranks resumes at 1 and 3 equal to uninterrupted training."""
 import pytest
 
 from dist_utils import spawn
-from dtensor_cases import equal_to_single_process
+from dtensor_cases import dcp_resume, dcp_save, equal_to_single_process
 
 # (vocab, d_model, ffn, mix): at 3 ranks FSDP2 cuts the 4-row `mix.up` 2/2/0 and the 9-row
 # `ffn.up` 3/3/3, at 2 ranks 5/4; under TP 2 x FSDP 2 the 10-row ffn.up is TP-local 5 -> 3/2.
@@ -27,3 +28,17 @@ CASES = [pytest.param(2, 2, 1, FSDP_SIZES, "row", id="fsdp2-2ranks-row", marks=S
 @pytest.mark.parametrize("world,dp,tp,sizes,norm", CASES)
 def test_dtensor_moga_equals_single_process(world, dp, tp, sizes, norm):
     spawn(world, equal_to_single_process, dp, tp, norm, sizes)
+
+
+@pytest.fixture(scope="module")
+def dcp_checkpoint(tmp_path_factory):
+    """A DCP checkpoint of an FSDP2 model and its MOGA (column norms) written by 2 ranks."""
+    path = str(tmp_path_factory.mktemp("dcp") / "step2")
+    spawn(2, dcp_save, path, "col", FSDP_SIZES)
+    return path
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [1, 3])
+def test_dcp_checkpoint_from_2_ranks_resumes_at_another_size(dcp_checkpoint, world):
+    spawn(world, dcp_resume, dcp_checkpoint, 2, "col", FSDP_SIZES)

@@ -151,3 +151,12 @@ def test_tp_layout_on_meta_default_device_reduces_on_the_parameters_device():
     with torch.device("meta"):
         opt.step()
     assert p.device.type == "cpu"
+
+
+def test_the_gpu_checks_exactness_part_runs_on_cpu_tensors():
+    # bench gpu (a) on CPU tensors through Triton's interpreter: the same code the GPU check runs,
+    # at a small width. The timing, 2-rank and CUDA-graph parts need a GPU.
+    from moga_dist.bench.gpu import check_exactness
+    from moga_dist.bench.step import llama_layer_shapes
+
+    assert check_exactness(llama_layer_shapes(32), torch.device("cpu")) < 1e-4

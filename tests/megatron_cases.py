@@ -506,3 +506,52 @@ def pipeline(rank, world, ref_path, tp, pp):
     everywhere = [None] * world
     dist.all_gather_object(everywhere, sorted(names))
     assert set().union(*everywhere) == set(want), sorted(set(want) - set().union(*everywhere))
+
+
+def megatron_job_pipeline(rank, world, base, zero_stage):
+    """The training job's Megatron backend at PP=2: 4 steps at TP=2 (DP=1, so the same batches),
+    and the same run stopped at step 2 and resumed at TP=1 x PP=2 (dist_checkpointing reshards
+    TP -> PP) through megatron-core's 1F1B schedule: every parameter of every stage equals the
+    uninterrupted TP=2 run within 1e-6, and every stage's optimizer is MOGA with momentum."""
+    import megatron_support
+    from megatron.core import parallel_state as ps
+    from train_cases import TINY
+
+    from moga_dist.train.backend_megatron import MegatronBackend
+    from moga_dist.train.config import load
+    from moga_dist.train.loop import run
+
+    megatron_support.enable_cuda_to_cpu()
+    common = TINY + ["parallel.engine='megatron'", "training.steps=4", f"engine.zero_stage={zero_stage}"]
+
+    def backend(tp, pp, *extra):
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        megatron_support.apply_model_shims()
+        return MegatronBackend(load(None, common + [f"parallel.tensor_parallel={tp}",
+                                                    f"parallel.pipeline_parallel={pp}", *extra]), allow_cpu=True)
+
+    straight = backend(2, 1, f"output_dir='{base}/straight'")
+    run(straight.cfg, straight)
+    want = {n: gather_full(p.data, p, ps) for n, p in straight.model.named_parameters()}
+    first = backend(2, 1, f"output_dir='{base}/split'", "training.stop_at_step=2")
+    run(first.cfg, first)
+    resumed = backend(1, 2, f"output_dir='{base}/split'")
+    summary = run(resumed.cfg, resumed)
+    kind = "distributed optimizer" if zero_stage else "replicated optimizer"
+    assert summary["resumed_from"] == 2 and summary["layout"] == f"Megatron TP1 x PP2 x DP1, {kind}", summary
+    for wrapper in getattr(resumed.optimizer, "chained_optimizers", [resumed.optimizer]):
+        assert type(wrapper.optimizer).__name__ == "MOGA"
+        assert all("momentum_buffer" in s for s in wrapper.optimizer.state.values())
+    offset = ps.get_pipeline_model_parallel_rank() * (resumed.cfg.model.num_layers // 2)
+    names = []
+    for name, p in resumed.model.named_parameters():
+        if name.startswith("decoder.layers."):
+            index, rest = name[len("decoder.layers."):].split(".", 1)
+            name = f"decoder.layers.{int(index) + offset}.{rest}"
+        err = (p.data - want[name]).abs().max().item() / want[name].abs().max().item()
+        assert err <= 1e-6, (name, err)
+        names.append(name)
+    everywhere = [None] * world
+    dist.all_gather_object(everywhere, names)
+    assert sorted(n for part in everywhere for n in part) == sorted(want)

@@ -1,13 +1,17 @@
 """MOGA through Megatron-core's wrappers equals TP=1 x DP=1 at TP=2, DP=2 and TP=2 x DP=2, with and
 without the distributed optimizer, for the row and column variants (QKV and gate/up per block)."""
+from pathlib import Path
+
 import pytest
 import torch
+
+from moga_dist.train.config import load as load_config
 
 pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
 from moga_dist.engines.megatron import REGISTRY_VERSION, register  # noqa: E402
-from megatron_cases import (bf16_wrapper, megatron_job, pipeline, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
+from megatron_cases import (bf16_wrapper, megatron_job, megatron_job_pipeline, pipeline, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
                             save_at_tp2, save_distopt_at_dp2, sharded)
 
 
@@ -66,6 +70,36 @@ def test_megatron_bf16_step_equals_float64_reference(world, tp, distopt):
 @pytest.mark.parametrize("tp,zero_stage", [(2, 0), (1, 1)], ids=["tp2_replicated", "dp2_distributed_optimizer"])
 def test_megatron_training_job_resumes_bit_exact(tmp_path, tp, zero_stage):
     spawn(2, megatron_job, str(tmp_path), tp, zero_stage)
+
+
+@pytest.mark.distributed
+def test_megatron_training_job_pipeline_parallel_continues_tp2_run_exactly(tmp_path):
+    spawn(2, megatron_job_pipeline, str(tmp_path), 1)
+
+
+MEGATRON_PRESETS = [p for p in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml"))
+                    if load_config(p).parallel.engine == "megatron"]
+
+
+@pytest.mark.parametrize("path", MEGATRON_PRESETS, ids=lambda p: p.stem)
+def test_megatron_job_accepts_every_megatron_preset(path):
+    """Every shipped Megatron preset (the 70B one with PP=4) passes the job's checks."""
+    from moga_dist.train.backend_megatron import check_config
+
+    cfg = load_config(path)
+    assert cfg.optimizer.name == "moga"
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.pipeline_parallel=3", r"model.num_layers=4 is not divisible by parallel.pipeline_parallel=3"),
+    ("optimizer.name='adamw'", r"optimizer.name='adamw' with parallel.engine='megatron': allowed 'moga'"),
+], ids=["pp_not_dividing_layers", "adamw"])
+def test_megatron_job_refuses_by_name(override, message):
+    from moga_dist.train.backend_megatron import check_config
+
+    with pytest.raises(ValueError, match=message):
+        check_config(load_config(None, ["parallel.engine='megatron'", override]))
 
 
 def test_megatron_job_refuses_zero_stage_2():

@@ -1,5 +1,5 @@
 """Megatron-core backend of the training loop: a LLaMA on GPTModel (RMSNorm, SwiGLU, RoPE, GQA,
-untied head) with tensor and data parallelism from the preset, MOGA through moga_dist.engines.megatron,
+untied head) with tensor, pipeline (megatron-core's own schedules) and data parallelism from the preset, MOGA through moga_dist.engines.megatron,
 Megatron's cosine schedule, and dist_checkpointing checkpoints (reshardable across TP and DP).
 
 Megatron-core needs CUDA; on CPU only the tests drive it, after applying their own shims
@@ -11,9 +11,24 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 
 from .config import RunConfig
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse, by name, a preset this backend cannot run with MOGA (before any process group)."""
+    p = cfg.parallel
+    if cfg.optimizer.name != "moga":
+        raise ValueError(f"optimizer.name={cfg.optimizer.name!r} with parallel.engine='megatron': allowed 'moga' "
+                         "(the AdamW baseline runs on parallel.engine='deepspeed')")
+    if cfg.model.num_layers % p.pipeline_parallel:
+        raise ValueError(f"model.num_layers={cfg.model.num_layers} is not divisible by "
+                         f"parallel.pipeline_parallel={p.pipeline_parallel} (each stage holds as many layers)")
+    if cfg.engine.zero_stage not in (0, 1):
+        raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': allowed 0 "
+                         "(replicated optimizer state) or 1 (Megatron's distributed optimizer, which also "
+                         "reduce-scatters gradients)")
 
 
 class MegatronBackend:
@@ -27,13 +42,7 @@ class MegatronBackend:
         from megatron.core import tensor_parallel
 
         p = cfg.parallel
-        if p.pipeline_parallel != 1:
-            raise ValueError(f"parallel.pipeline_parallel={p.pipeline_parallel}: this loop runs TP x DP only; MOGA "
-                             "itself is pipeline-agnostic (use it through moga_dist.engines.megatron in Megatron-LM)")
-        if cfg.engine.zero_stage not in (0, 1):
-            raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': allowed 0 "
-                             "(replicated optimizer state) or 1 (Megatron's distributed optimizer, which also "
-                             "reduce-scatters gradients)")
+        check_config(cfg)
         self.on_cpu = not torch.cuda.is_available()
         if self.on_cpu and not allow_cpu:
             raise ValueError("the Megatron backend needs CUDA GPUs (Megatron-core allocates on CUDA); on CPU use "
@@ -45,10 +54,12 @@ class MegatronBackend:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_parallel)
+            ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_parallel,
+                                         pipeline_model_parallel_size=p.pipeline_parallel)
         if not self.on_cpu:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
-        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.tp, self.pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         self.dp_rank, self.dp_world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.model, self.ddp, self.optimizer, self.scheduler = self._build()
         self.skipped = 0
@@ -72,9 +83,10 @@ class MegatronBackend:
         tcfg = TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
             num_query_groups=m.num_kv_heads, ffn_hidden_size=m.intermediate_size, layernorm_epsilon=m.rms_norm_eps,
-            tensor_model_parallel_size=self.tp, use_cpu_initialization=self.on_cpu, bf16=bf16,
+            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+            use_cpu_initialization=self.on_cpu, bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32, pipeline_dtype=torch.float32,
-            normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+            normalization="RMSNorm", gated_linear_unit=True, activation_func=nnf.silu, add_bias_linear=False,
             hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
             masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
             recompute_granularity="full" if cfg.parallel.activation_checkpointing else None,
@@ -84,7 +96,8 @@ class MegatronBackend:
         model = GPTModel(config=tcfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                          vocab_size=m.vocab_size, max_sequence_length=m.max_seq_len,
                          position_embedding_type="rope", rotary_base=int(m.rope_theta),
-                         share_embeddings_and_output_weights=m.tie_embeddings)
+                         share_embeddings_and_output_weights=m.tie_embeddings,
+                         pre_process=self.first_stage, post_process=self.last_stage)
         if not self.on_cpu:
             model.cuda(torch.cuda.current_device())
         ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(
@@ -104,30 +117,55 @@ class MegatronBackend:
         return model, ddp, optimizer, scheduler
 
     def layout_meta(self) -> dict:
-        """dist_checkpointing reshards across TP and DP; the engine and the optimizer's sharding (its
+        """dist_checkpointing reshards across TP, PP and DP; the engine and the optimizer's sharding (its
         two checkpoint formats differ) must match."""
         return {"engine": "megatron", "distributed_optimizer": self.cfg.engine.zero_stage == 1}
 
     def describe(self) -> str:
         kind = "distributed optimizer" if self.cfg.engine.zero_stage == 1 else "replicated optimizer"
-        return f"Megatron TP{self.tp} x DP{self.dp_world}, {kind}"
+        pipeline = f" x PP{self.pp}" if self.pp > 1 else ""
+        return f"Megatron TP{self.tp}{pipeline} x DP{self.dp_world}, {kind}"
 
-    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_step(self, data_iterator, model):
+        """Megatron's forward_step_func: this stage's output and, on the last stage, the loss."""
+        x = next(data_iterator)
         if not self.on_cpu:
             x = x.cuda()
         pos = self.positions.to(x.device).expand(x.shape[0], -1)
-        return self.ddp(x[:, :-1], pos, self.mask.to(x.device), labels=x[:, 1:]).float().mean()
+        out = model(x[:, :-1], pos, self.mask.to(x.device), labels=x[:, 1:])
+
+        def loss_func(per_token):
+            loss = per_token.float().mean()
+            return loss, {"loss": loss.detach()}
+        return out, loss_func
+
+    def _run_schedule(self, batches: list[torch.Tensor], forward_only: bool) -> list[float]:
+        """Every micro batch through megatron-core's schedule for this layout (1F1B across pipeline
+        stages; the schedule scales each loss by 1 / len(batches)); the per-micro-batch losses,
+        which the last stage computes, reach every stage."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
+            num_microbatches=len(batches), seq_length=self.cfg.model.max_seq_len - 1,
+            micro_batch_size=self.cfg.training.micro_batch_size, forward_only=forward_only)
+        losses = torch.tensor([float(o["loss"]) for o in out] if self.last_stage else [0.0] * len(batches),
+                              dtype=torch.float64)
+        if self.pp > 1:
+            dist.broadcast(losses, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return losses.tolist()
 
     def train_step(self, step: int, accum: int, corpus) -> list[float]:
         from megatron.core.distributed import finalize_model_grads
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = []
-        for micro in range(accum):
-            loss = self._loss(corpus.batch(step, micro, self.dp_rank, self.cfg.training.micro_batch_size))
-            (loss / accum).backward()
-            losses.append(loss.item())
+        mbs = self.cfg.training.micro_batch_size
+        losses = self._run_schedule([corpus.batch(step, micro, self.dp_rank, mbs) for micro in range(accum)],
+                                    forward_only=False)
         finalize_model_grads([self.ddp])
         ok, _, _ = self.optimizer.step()
         if ok:
@@ -137,10 +175,11 @@ class MegatronBackend:
         return losses
 
     def eval_losses(self, corpus) -> list[float]:
+        mbs = self.cfg.training.micro_batch_size
         self.ddp.eval()
         with torch.no_grad():
-            losses = [self._loss(corpus.batch(0, i, self.dp_rank, self.cfg.training.micro_batch_size, split="val")).item()
-                      for i in range(self.cfg.training.eval_batches)]
+            losses = self._run_schedule([corpus.batch(0, i, self.dp_rank, mbs, split="val")
+                                         for i in range(self.cfg.training.eval_batches)], forward_only=True)
         self.ddp.train()
         return losses
 

@@ -160,3 +160,25 @@ def test_the_gpu_checks_exactness_part_runs_on_cpu_tensors():
     from moga_dist.bench.step import llama_layer_shapes
 
     assert check_exactness(llama_layer_shapes(32), torch.device("cpu")) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_the_functional_step_equals_the_optimizer(backend):
+    from moga_dist.core.functional import Piece
+    from moga_dist.core.plan import build_plan
+    from moga_dist.core.program import moga
+    from moga_dist.core.scaling import update_scales
+
+    gen = torch.Generator().manual_seed(3)
+    w, g = torch.randn(9, 13, generator=gen), torch.randn(9, 13, generator=gen)
+    p = torch.nn.Parameter(w.clone())
+    opt = MOGA([p], lr=0.02, momentum=0.9, weight_decay=0.1)
+    p.grad = g.clone()
+    opt.step()
+    layout = ShardLayout((9, 13))
+    piece = Piece(param=w.clone(), grad=g.clone(), momentum=torch.zeros(9, 13), plan=build_plan(layout, "row"),
+                  exponent=2.0, beta=0.9, lookahead=None, lr=0.02, decay=1 - 0.02 * 0.1, eps=1e-8,
+                  scales=update_scales("hidden", "row", (9, 13), p=2.0, q=2.0, mult=20.0))
+    verdict = moga([piece], backend=backend)
+    assert verdict.refused is False
+    assert torch.allclose(piece.param, p.detach(), rtol=1e-6, atol=1e-7)

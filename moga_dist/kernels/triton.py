@@ -79,31 +79,28 @@ def rows_kernel(items, addr, sizes, coef, stats, flag, MODE: tl.constexpr, P_TYP
             acc += m * m
         total = tl.sum(acc, axis=0)
         tl.store(stats + slot, total)
-        if MODE == 0:
-            if _finite(total):
-                scale = alpha / tl.maximum(tl.sqrt(tl.maximum(total, 0.0)), eps)
-                for start in range(0, ncols, BLOCK):
-                    c = start + cols
-                    mask = c < ncols
-                    m = tl.load(m_ptr + c, mask=mask, other=0.0)
-                    p = tl.load(p_ptr + c, mask=mask, other=0.0).to(tl.float32)
-                    _store(p_ptr + c, p * decay - scale * m, mask, P_TYPE)
+        if MODE == 1:
+            return
     else:
         total = tl.load(stats + slot)
-        ok = _finite(total)
-        scale = alpha / tl.maximum(tl.sqrt(tl.maximum(total, 0.0)), eps)
-        for start in range(0, ncols, BLOCK):
-            c = start + cols
-            mask = c < ncols
-            m = tl.load(m_ptr + c, mask=mask, other=0.0)
-            p = tl.load(p_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            if MODE == 2:
-                _store(p_ptr + c, p * decay - scale * m, mask, P_TYPE)
-            else:
-                g = tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
-                if ok:
-                    _store(p_ptr + c, (p + scale * m) / decay, mask, P_TYPE)
-                _undo_momentum(m_ptr + c, m, g, w, mask)
+    ok = _finite(total)
+    if MODE == 0:
+        if not ok:          # left unwritten, so a refused step can be undone exactly
+            return
+    scale = alpha / tl.maximum(tl.sqrt(tl.maximum(total, 0.0)), eps)
+    # The update pass (one-pass: reads the row back from cache) or the undo of it.
+    for start in range(0, ncols, BLOCK):
+        c = start + cols
+        mask = c < ncols
+        m = tl.load(m_ptr + c, mask=mask, other=0.0)
+        p = tl.load(p_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 3:
+            g = tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            if ok:
+                _store(p_ptr + c, (p + scale * m) / decay, mask, P_TYPE)
+            _undo_momentum(m_ptr + c, m, g, w, mask)
+        else:
+            _store(p_ptr + c, p * decay - scale * m, mask, P_TYPE)
 
 
 @triton.jit

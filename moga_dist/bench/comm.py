@@ -158,6 +158,8 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--norms", nargs="+", default=["col", "row"], choices=["row", "col"])
+    ap.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the FSDP2 and FSDP2 x TP rows (torchtitan layer; comm_dtensor.py)")
     args = ap.parse_args(argv)
     print(f"{'layout':>10} {'norm':>4} {'bytes/rank':>11} {'minimum':>9} {'verdict':>7} {'allgather_eq':>13} "
           f"{'ratio':>8} {'coll/step':>9} {'step s':>7}")
@@ -170,5 +172,15 @@ def main(argv=None) -> None:
                   f"{r['allgather_equivalent']:>13} {ratio:>8.0f} {r['collectives_per_step']:>9.0f} "
                   f"{r['step_s']:>7.2f}", flush=True)
             last = r
+    if args.fsdp:
+        from .comm_dtensor import run_fsdp_layout
+
+        for dp, tp in ((2, 1), (2, 2)):
+            for norm in args.norms:
+                r = run_fsdp_layout(dp, tp, norm, args.steps)
+                ratio = f"{r['allgather_equivalent'] / r['bytes']:.0f}" if r["bytes"] else "inf"
+                print(f"{f'FSDP2 {dp}x{tp}':>10} {norm:>4} {r['bytes']:>11} {r['minimum']:>9} {r['verdict_bytes']:>7} "
+                      f"{r['allgather_equivalent']:>13} {ratio:>8} "
+                      f"{r['collectives_per_step']:>9.0f} {r['step_s']:>7.2f}", flush=True)
     print(f"comm: bytes={last['bytes']} minimum={last['minimum']} "
           f"allgather_equivalent={last['allgather_equivalent']} collectives_per_step={last['collectives_per_step']:.0f}")

@@ -217,3 +217,21 @@ def dcp_resume(rank, world, path, saved_world, norm, sizes):
     if rank == 0:
         print(f"DCP {saved_world} -> {world} ranks, norm={norm}: max weight error {w_err:.2e}, momentum {m_err:.2e}")
     assert w_err <= 1e-5 and m_err <= 1e-5, (saved_world, world, norm, w_err, m_err)
+
+
+def refusals(rank, world):
+    """What MOGA cannot do exactly on DTensors is refused at construction, naming the placement."""
+    import pytest
+    from torch.distributed.tensor import Partial, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    uneven_cols = nn.Parameter(distribute_tensor(torch.randn(4, 2 * world + 1), mesh, [Shard(1)]))
+    with pytest.raises(ValueError, match=r"Shard\(1\) needs d_in=5 divisible by mesh dim size 2"):
+        MOGA([uneven_cols])
+    partial = nn.Parameter(DTensor.from_local(torch.randn(3, 4), mesh, [Partial()]))
+    with pytest.raises(ValueError, match="a Partial parameter has no value to update"):
+        MOGA([partial])
+    # A key that already names a group of other ranks: statistics would be summed over the wrong group.
+    rows = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="process group key 'dp' already names ranks"):
+        MOGA([rows], process_groups={"dp": dist.new_group([0])})

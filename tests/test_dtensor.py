@@ -5,7 +5,7 @@ torch.distributed.checkpoint at 2 ranks resumes at 1 and 3 equal to uninterrupte
 import pytest
 
 from dist_utils import spawn
-from dtensor_cases import dcp_resume, dcp_save, equal_to_single_process
+from dtensor_cases import dcp_resume, dcp_save, equal_to_single_process, refusals
 
 # (vocab, d_model, ffn, mix): at 3 ranks FSDP2 cuts the 4-row `mix.up` 2/2/0 and the 9-row
 # `ffn.up` 3/3/3, at 2 ranks 5/4; under TP 2 x FSDP 2 the 10-row ffn.up is TP-local 5 -> 3/2.
@@ -42,3 +42,8 @@ def dcp_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 3])
 def test_dcp_checkpoint_from_2_ranks_resumes_at_another_size(dcp_checkpoint, world):
     spawn(world, dcp_resume, dcp_checkpoint, 2, "col", FSDP_SIZES)
+
+
+@pytest.mark.distributed
+def test_what_is_not_exact_is_refused_naming_the_placement():
+    spawn(2, refusals)

@@ -3,7 +3,6 @@ empty shards), TP (parallelize_module) and FSDP2 x TP equals single-process MOGA
 batches, and FSDP2's row norms send no statistics; MOGA's state saved through
 torch.distributed.checkpoint at 2 ranks resumes at 1 and 3 equal to uninterrupted training."""
 import pytest
-
 from dist_utils import spawn
 from dtensor_cases import dcp_resume, dcp_save, equal_to_single_process, refusals
 

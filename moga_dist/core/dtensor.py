@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from .layout import FlatPartition, ShardLayout, TensorParallelSplit
 
@@ -84,7 +84,7 @@ def dtensor_layout(param: DTensor) -> MeshLayout:
     shards = []
     for i, pl in enumerate(placements):
         if isinstance(pl, Partial):
-            raise ValueError(f"{where}: a Partial parameter has no value to update; allowed Shard, Replicate")
+            raise ValueError(f"{where}: a Partial parameter has no value; allowed Shard, Replicate")  # noqa: TRY004
         if isinstance(pl, Replicate):
             continue
         dim = getattr(pl, "dim", None)

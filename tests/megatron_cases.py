@@ -1,4 +1,6 @@
 """Workers for the Megatron tests: a tiny LLaMA-style GPTModel, k steps, gathered full weights."""
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -261,6 +263,14 @@ def registry(rank, world, path):
     register(settings=MOGA_SETTINGS | {"norm": "col"})
     config = mopt.OptimizerConfig(optimizer="moga", lr=0.02, weight_decay=0.1, clip_grad=1.0)
     full, opt = train(2, False, "col", make_optimizer=lambda ddp: mopt.get_megatron_optimizer(config, [ddp]))
+    # Megatron's registry path has no DP-sharded MOGA: both ways to ask for one are refused by name.
+    for field in ("use_distributed_optimizer", "use_layer_wise_distributed_optimizer"):
+        try:
+            mopt.get_megatron_optimizer(dataclasses.replace(config, **{field: True}), [LAST["ddp"]])
+        except ValueError as exc:
+            assert f"{field}=True" in str(exc), exc
+        else:
+            raise AssertionError(f"{field}=True was not refused")
     want = torch.load(path, weights_only=True)["col"]
     for name, w in want.items():
         err = (full[name] - w).abs().max().item() / w.abs().max().item()

@@ -229,6 +229,21 @@ class _RegistryMOGA(MOGA):
         return super().step(closure)
 
 
+def _refuse_sharded_registry_state(config, model_chunks) -> None:
+    """The registry wraps MOGA in FP32Optimizer/Float16 wrappers (whole gradients) or, layer-wise,
+    in LayerWiseDistributedOptimizer; neither is MOGA over Megatron's DP-sharded DistributedOptimizer,
+    and with a DDP that reduce-scatters, the wrappers would step on partly reduced gradients."""
+    if getattr(config, "use_layer_wise_distributed_optimizer", False):
+        raise ValueError("OptimizerConfig.use_layer_wise_distributed_optimizer=True is not supported with the "
+                         "registered MOGA; allowed: False. For DP-sharded state use "
+                         "moga_dist.engines.megatron.get_megatron_optimizer with use_distributed_optimizer=True")
+    sharded = [c for c in model_chunks if getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False)]
+    if config.use_distributed_optimizer or sharded:
+        raise ValueError("use_distributed_optimizer=True (OptimizerConfig or the DDP config) with the registered "
+                         "MOGA: Megatron's registry path has no DistributedOptimizer for it; allowed: False, or build "
+                         "it with moga_dist.engines.megatron.get_megatron_optimizer (which supports it)")
+
+
 REGISTRY_VERSION = "0.18.0"       # first megatron-core with megatron/core/optimizer/emerging_optimizers.py
 
 
@@ -252,6 +267,7 @@ def register(name: str = "moga", settings: Mapping | None = None) -> None:
     fixed = dict(settings or {})
 
     def config_to_kwargs(config, model_chunks, pg_collection):
+        _refuse_sharded_registry_state(config, model_chunks)
         tp_group = pg_collection.tp
         info = describe_params(model_chunks, torch.distributed.get_rank(tp_group),
                                torch.distributed.get_world_size(tp_group))

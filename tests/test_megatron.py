@@ -1,5 +1,6 @@
 """MOGA through Megatron-core's wrappers equals TP=1 x DP=1 at TP=2, DP=2 and TP=2 x DP=2, with and
-without the distributed optimizer, for the row and column variants (QKV and gate/up per block)."""
+without the distributed optimizer, for the row and column variants (QKV and gate/up per block), with
+TP-sharded biases, and at PP=2 through megatron-core's pipeline schedule; MoE is refused by name."""
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ pytest.importorskip("megatron.core")
 
 from dist_utils import spawn  # noqa: E402
 from moga_dist.engines.megatron import REGISTRY_VERSION, register  # noqa: E402
-from megatron_cases import (bf16_wrapper, megatron_job, megatron_job_pipeline, pipeline, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
+from megatron_cases import (bf16_wrapper, megatron_job, reference, registry, resume_at_tp1, resume_distopt_at_tp2,  # noqa: E402
                             save_at_tp2, save_distopt_at_dp2, sharded)
+from megatron_pipeline_cases import megatron_job_pipeline, pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")

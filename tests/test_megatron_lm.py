@@ -99,7 +99,8 @@ def test_megatron_lm_optimizer_moga_trains_like_tp1(tmp_path):
     if not _has_megatron_lm():
         pytest.skip("Megatron-LM's megatron.training is not installed (megatron-core >= 0.18 wheels carry it)")
     from dist_utils import spawn
-    from megatron_cases import megatron_lm, reference
+    from megatron_cases import reference
+    from megatron_lm_cases import megatron_lm
 
     path = str(tmp_path / "tp1.pt")
     spawn(1, reference, path)

@@ -105,3 +105,23 @@ def test_megatron_lm_optimizer_moga_trains_like_tp1(tmp_path):
     path = str(tmp_path / "tp1.pt")
     spawn(1, reference, path)
     spawn(2, megatron_lm, path, [(2, False), (1, True)])
+
+
+def test_engine_config_cli_refuses_adamw_megatron_flags_in_one_line(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    from moga_dist.train.engine_config import main
+
+    assert main(["--config", "configs/tiny_cpu.toml", "--megatron", "--set", "optimizer.name='adamw'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moga_dist.train.engine_config: error: optimizer.name='adamw': Megatron-LM flags are generated "
+                   "for 'moga' only (an AdamW baseline is Megatron-LM's own --optimizer adam with its own flags)"]
+
+
+def test_megatron_lm_cli_names_a_missing_script(capsys):
+    from moga_dist.engines.megatron_lm import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["no_such_pretrain_gpt.py", "--optimizer", "moga"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: no such file 'no_such_pretrain_gpt.py'" in err[0]

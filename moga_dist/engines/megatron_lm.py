@@ -116,7 +116,7 @@ def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
 
 
 def install() -> None:
-    """Patch Megatron-LM (megatron.training of megatron-core >= 0.17 wheels, or a Megatron-LM
+    """Patch Megatron-LM (megatron.training of megatron-core >= 0.17.1 wheels, or a Megatron-LM
     checkout) in place: its parse_args adds the MOGA flags, validate_args checks a MOGA run as Adam's,
     its training builds the optimizer with this module's get_megatron_optimizer. Call before
     Megatron-LM parses arguments; calling it twice is a no-op."""
@@ -128,7 +128,7 @@ def install() -> None:
                    for name in ("arguments", "training", "initialize")}
     except ImportError as exc:
         raise RuntimeError(f"--optimizer moga in Megatron-LM needs its megatron.training package (megatron-core "
-                           f">= 0.17 wheels, or a Megatron-LM checkout on PYTHONPATH); installed megatron-core "
+                           f"wheels ship it from 0.17.1 on, or put a Megatron-LM checkout on PYTHONPATH); installed megatron-core "
                            f"{megatron.core.__version__}: {exc}") from exc
     arguments, training = modules["arguments"], modules["training"]
     for module, name in ((arguments, "parse_args"), (arguments, "validate_args"), (training, "get_megatron_optimizer")):
@@ -173,11 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m moga_dist.engines.megatron_lm SCRIPT [ARGS...]`: run a Megatron-LM training
     script (e.g. pretrain_gpt.py) as __main__ with MOGA installed."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print("usage: python -m moga_dist.engines.megatron_lm SCRIPT.py [Megatron-LM flags] --optimizer moga "
-              "[--moga-* flags]", file=sys.stderr)
+    if not argv or argv[0].startswith("-") or not os.path.isfile(argv[0]):
+        got = f"no such file {argv[0]!r}; " if argv and not argv[0].startswith("-") else ""
+        print(f"moga_dist.engines.megatron_lm: error: {got}usage: python -m moga_dist.engines.megatron_lm "
+              "SCRIPT.py [Megatron-LM flags] --optimizer moga [--moga-* flags]", file=sys.stderr)
         raise SystemExit(2)
-    install()
+    try:
+        install()
+    except RuntimeError as exc:
+        print(f"moga_dist.engines.megatron_lm: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     sys.argv = list(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))     # the script's own helper modules
     runpy.run_path(argv[0], run_name="__main__")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 from .config import RunConfig, accumulation_steps
 
@@ -66,9 +67,10 @@ def megatron_args(cfg: RunConfig) -> list[str]:
     return [str(a) for a in args]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     """`python -m moga_dist.train.engine_config --config X.toml [--world-size N] [--megatron]`:
-    print the DeepSpeed JSON (or the Megatron flags) generated from the preset."""
+    print the DeepSpeed JSON (or the Megatron flags) generated from the preset. Bad input: one line
+    on stderr, exit 2."""
     import argparse
 
     from .config import load
@@ -79,14 +81,18 @@ def main(argv=None) -> None:
     ap.add_argument("--megatron", action="store_true", help="print Megatron-LM flags instead")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
-    cfg = load(args.config, args.set)
-    if args.megatron:
-        print(" ".join(megatron_args(cfg)))
-        return
     from .config import data_parallel_size
 
-    print(json.dumps(deepspeed_config(cfg, args.world_size or data_parallel_size(cfg)), indent=2))
+    try:
+        cfg = load(args.config, args.set)
+        out = " ".join(megatron_args(cfg)) if args.megatron else \
+            json.dumps(deepspeed_config(cfg, args.world_size or data_parallel_size(cfg)), indent=2)
+    except (ValueError, OSError) as exc:
+        print(f"moga_dist.train.engine_config: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -125,3 +125,15 @@ def test_megatron_lm_cli_names_a_missing_script(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: no such file 'no_such_pretrain_gpt.py'" in err[0]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("optimizer_cpu_offload", "--optimizer-cpu-offload builds Megatron's CPU Adam"),
+    ("use_precision_aware_optimizer", "--use-precision-aware-optimizer is for Adam's scaled state"),
+    ("use_megatron_fsdp", "Megatron FSDP / torch FSDP2 are not supported"),
+], ids=["cpu_offload", "precision_aware", "fsdp"])
+def test_megatron_lm_refuses_what_moga_cannot_run_exactly(flag, message):
+    from moga_dist.engines.megatron_lm import check_args
+
+    with pytest.raises(ValueError, match=message):
+        check_args(argparse.Namespace(optimizer="moga", **{flag: True}))

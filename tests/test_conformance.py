@@ -95,11 +95,11 @@ def test_switching_backend_between_steps_reaches_the_step():
     opt = MOGA([p])
     p.grad = torch.randn(6, 5)
     opt.step()
-    assert set(opt._step_program.backend_of.values()) == {"cpu"}
+    assert set(opt.last_program.backend_of.values()) == {"cpu"}
     opt.fused = False
     p.grad = torch.randn(6, 5)
     opt.step()
-    assert set(opt._step_program.backend_of.values()) == {"torch"}
+    assert set(opt.last_program.backend_of.values()) == {"torch"}
 
 
 def test_lookahead_buffer_does_not_outlive_the_step():
@@ -107,7 +107,7 @@ def test_lookahead_buffer_does_not_outlive_the_step():
     opt = MOGA([p], lookahead=0.9)
     p.grad = torch.randn(6, 5)
     opt.step()
-    assert all(pc.lookahead_buffer is None and pc.grad is None for pc in opt._step_program.pieces)
+    assert all(pc.lookahead_buffer is None and pc.grad is None for pc in opt.last_program.pieces)
 
 
 def test_closure_zero_grad_and_no_gradient():

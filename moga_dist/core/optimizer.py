@@ -1,8 +1,9 @@
 """`MOGA`, a torch.optim.Optimizer: momentum, then row- (or column-) normalized updates with
 width-aware scales; sign updates for embeddings and vectors.
 
-Owns validation, state and the step's orchestration (phase A -> one reduction -> phase B). The
-math is in functional.py, the reductions in collectives.py; no engine is imported here.
+Owns validation, state, the interface engines use, and checkpoints. The step program is built
+by step_builder.py and run by program.py; the math is in functional.py and the backends, the
+reductions in collectives.py. No engine is imported here.
 """
 from __future__ import annotations
 
@@ -11,22 +12,16 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from . import functional as F
+from .backends import BACKENDS
 from .collectives import StatReducer
-from .dtensor import declare_dtensors, local_view, param_of, step_owner
+from .dtensor import declare_dtensors, local_view
 from .flat import FlatSegment
-from .tensors import FlatBuffer, Ghost, TensorRegistry, role_of
+from .hparams import check_hparams
 from .layout import ShardLayout
 from .plan import build_plan
-from .backends import BACKENDS
 from .program import StepProgram
-from .hparams import check_hparams
-from .scaling import stat_exponent, update_scales
-
-_DECAYED_ROLES = ("hidden", "embedding", "head")
-_STATIC_KEYS = ("role", "norm", "p", "q", "hidden_mult", "embedding_mult", "head_mult", "vector_mult",
-                "head_width_scale", "base_width")
-_PROGRAM_KEYS = _STATIC_KEYS + ("momentum", "lookahead", "eps")
+from .step_builder import ProgramCache
+from .tensors import FlatBuffer, Ghost, TensorRegistry, role_of
 
 
 class NonFiniteGradientError(ValueError):
@@ -103,8 +98,7 @@ class MOGA(torch.optim.Optimizer):
         # Record layouts in state_dict() so a per-rank checkpoint is not loaded into another layout.
         # Engines whose checkpoints reshard state per parameter (Megatron dist_checkpointing) turn it off.
         self.save_layouts = True
-        self._static_cache: dict[tuple, tuple] = {}
-        self._step_program: StepProgram | None = None
+        self._programs = ProgramCache()
         for param, layout in (layouts or {}).items():
             self.declare(param, layout=layout)
         # DTensor parameters (FSDP2, TP) describe their own sharding: no layouts to pass.
@@ -211,7 +205,7 @@ class MOGA(torch.optim.Optimizer):
 
     def invalidate(self) -> None:
         """Settings, layouts, tensors or state changed outside step(): rebuild the step program."""
-        self._static_cache.clear()
+        self._programs.clear()
         self.tensors.changed()
 
     def layout_of(self, tensor: torch.Tensor) -> ShardLayout:
@@ -229,119 +223,6 @@ class MOGA(torch.optim.Optimizer):
             self.reducer.check_group(layout.flat.group, len(layout.flat.ranges), stage=0)
 
     # ----- step ------------------------------------------------------------------------------
-    def _units(self):
-        """(owner tensor, span (start, numel) of it or None, options, layout, cache key, name, rate
-        source) for every unit with a gradient. The rate source (group, overrides, flat lr) is what
-        lr and weight decay are re-read from each step."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise ValueError(f"{self.tensors.name_of(param)}: sparse gradients are not supported")
-                flat = self.tensors.flat.get(id(param))
-                if flat is None:
-                    override = self.tensors.options.get(id(param), {})
-                    options = {**group, **override} if override else group
-                    self._refuse_foreign(options, param)
-                    yield (param, None, options, self.layout_of(param), (id(param), -1), self.tensors.name_of(param),
-                           (group, override, None))
-                    continue
-                segments, base_lr = flat.segments, flat.base_lr
-                for k, seg in enumerate(segments):
-                    options = {**group, **seg.options}
-                    yield (param, (seg.start, seg.numel), options, seg.layout, (id(param), k),
-                           f"parameter {seg.name!r}", (group, seg.options, (seg.options.get("lr", base_lr), base_lr)))
-
-    def _refuse_foreign(self, group: Mapping, param: torch.Tensor) -> None:
-        # An engine that swapped MOGA's parameters for flat 1-D partitions (DeepSpeed ZeRO >= 1)
-        # would otherwise get every matrix updated as a vector: a silent wrong update.
-        if id(param) in self.tensors.known or param.dim() >= 2 or group.get("role") in ("vector", "embedding") \
-                or id(param) in self.tensors.layouts:
-            return
-        raise ValueError(
-            f"MOGA was handed a 1-D tensor of {param.numel()} elements it was not constructed with "
-            f"(role {group.get('role')!r}): an engine replaced the parameters with flat partitions. "
-            "Use moga_dist.engines.deepspeed.initialize(...) for DeepSpeed ZeRO >= 1, or "
-            "moga_dist.engines.megatron.get_megatron_optimizer(...) for Megatron's distributed optimizer.")
-
-    def _static(self, options: Mapping, layout: ShardLayout, key: tuple, name: str) -> tuple:
-        """Per-unit data that only changes with the settings (cached)."""
-        sig = tuple(options.get(k) for k in _STATIC_KEYS)
-        cached = self._static_cache.get(key)
-        if cached is not None and cached[0] == sig:
-            return cached[1]
-        role = role_of(options, layout)
-        matrix = layout.global_matrix_shape
-        if role in ("hidden", "head") and matrix is None:
-            raise ValueError(f"{name} has role {role!r} but global_shape {layout.global_shape}; "
-                             "roles hidden/head need a 2-D weight")
-        plan = None
-        if role in ("hidden", "head"):
-            plan = build_plan(layout, options["norm"] if role == "hidden" else "row")
-        scales = update_scales(role, options["norm"], matrix, p=options["p"], q=options["q"],
-                               mult=options[f"{role}_mult"], head_width_scale=options["head_width_scale"],
-                               base_width=options["base_width"],
-                               block_rows=plan.block_rows if plan is not None else None)
-        static = (role, plan, scales, stat_exponent(role, options["norm"], options["p"], options["q"]))
-        self._static_cache[key] = (sig, static)
-        return static
-
-    def _signature(self) -> tuple:
-        """Everything a StepProgram depends on besides lr and weight decay: which tensors (and
-        their storage, dtype, contiguity) have gradients, their momentum buffers, and the
-        per-group settings. Cheap: one tuple per parameter."""
-        sig: list = [self.tensors.epoch]
-        state = self.state
-        for group in self.param_groups:
-            sig.append(tuple(group.get(k) for k in _PROGRAM_KEYS))
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    sig.append(None)
-                    continue
-                st = state.get(p)
-                mom = st.get("momentum_buffer") if st else None
-                sig.append((id(p), local_view(p).data_ptr(), id(mom), g.dtype, g.is_contiguous()))
-        return tuple(sig)
-
-    def _build_program(self) -> StepProgram:
-        owned, rates = [], []
-        for owner, span, options, layout, key, name, rate in self._units():
-            role, plan, scales, exponent = self._static(options, layout, key, name)
-            # A DTensor's step works on its local shard (views of the same storage).
-            mom = local_view(self.init_state(owner)["momentum_buffer"])
-            data, grad = local_view(owner.data), local_view(owner.grad)
-            if span is not None:
-                s, n = span
-                data, grad, mom = data[s:s + n], grad[s:s + n], mom[s:s + n]
-            owned.append((step_owner(owner), span, F.Piece(
-                param=data, grad=grad, momentum=mom, plan=plan, exponent=exponent, beta=options["momentum"],
-                lookahead=options["lookahead"], lr=0.0, scales=scales, decay=1.0, eps=options["eps"], name=name)))
-            rates.append((role in _DECAYED_ROLES, *rate))
-        program = StepProgram(owned, self.backend, device=self._device())
-        program.rates = rates
-        program.states = [self.state[param_of(o)] for o in program.owners]
-        return program
-
-    def _program(self) -> StepProgram:
-        """The cached step program, rebuilt when the signature changed; lr and decay refreshed."""
-        sig = self._signature()
-        program = self._step_program
-        if program is None or program.signature != sig:
-            program = self._build_program()
-            program.signature = self._signature()   # momentum buffers may have just been created
-            self._step_program = program
-        for piece, (decayed, group, override, flat) in zip(program.pieces, program.rates):
-            if flat is None:
-                lr = override.get("lr", group["lr"])
-            else:
-                lr = flat[0] * group["lr"] / flat[1] if flat[1] else group["lr"]
-            piece.lr = lr
-            piece.decay = 1.0 - lr * override.get("weight_decay", group["weight_decay"]) if decayed else 1.0
-        program.bind()
-        return program
-
     def init_state(self, tensor: torch.Tensor) -> dict:
         """The tensor's state, created if missing: `momentum_buffer` of its shape (fp32; float64
         for a float64 tensor, whose math then stays float64) and `step` 0."""
@@ -372,14 +253,14 @@ class MOGA(torch.optim.Optimizer):
         if value not in BACKENDS:
             raise ValueError(f"backend={value!r}: allowed {BACKENDS}")
         self._backend = value
-        if hasattr(self, "_static_cache"):      # not during __init__
+        if hasattr(self, "_programs"):          # not during __init__
             self.invalidate()
 
-    def _device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
+    @property
+    def last_program(self) -> StepProgram | None:
+        """The step program of the last step (None before the first): which backend computed each
+        piece (`backend_of`), the pieces and their statistics, for inspection."""
+        return self._programs.program
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -390,12 +271,10 @@ class MOGA(torch.optim.Optimizer):
                 loss = closure()
         if self._suspended:
             return loss
-        program = self._program()
+        program = self._programs.get(self)
         if not program.pieces and not self.tensors.ghosts and not self.reducer.stage:
             return loss
         try:
-            if program.reduce_items is None:
-                program.reduce_items = self._reduction_items(program)
             verdict = program.run(self._reduce_fn(program), sync_free=self.sync_free)
             if self.sync_free:
                 if self.skipped_steps is None:
@@ -424,23 +303,6 @@ class MOGA(torch.optim.Optimizer):
                 program.ghost_stats.zero_()
             self.reducer.reduce(program.reduce_items, flag)
         return reduce
-
-    def _reduction_items(self, program: StepProgram) -> list:
-        """(plan, stats view) pairs in an order every rank agrees on; empty when nothing is shared.
-        A flat buffer's segments share their owner's key and keep their order within it."""
-        items = [((self.tensors.order.get(id(owner), i), i), pc.plan, st)
-                 for i, ((owner, _, pc), st) in enumerate(zip(program.owned, program.stats))
-                 if pc.plan is not None]
-        ghosts = [g.plan for g in self.tensors.ghosts]
-        program.ghost_stats = torch.zeros(sum(p.num_stats for p in ghosts), device=program.device) if ghosts else None
-        if ghosts:
-            views = program.ghost_stats.split([p.num_stats for p in ghosts])
-            items += [((g.order_key, -1), g.plan, v) for g, v in zip(self.tensors.ghosts, views)]
-        if self.tensors.order:
-            items.sort(key=lambda item: item[0])
-        if not any(plan.group_slots for _, plan, _ in items):
-            return []
-        return [(plan, st) for _, plan, st in items]
 
     @contextlib.contextmanager
     def suspended(self):
@@ -490,7 +352,7 @@ class MOGA(torch.optim.Optimizer):
         self.reducer.stage = dict(extra["stage"])
         self._backend, self.sync_free, self.save_layouts = extra["backend"], extra["sync_free"], extra["save_layouts"]
         self.skipped_steps, self._suspended = None, False
-        self._static_cache, self._step_program = {}, None
+        self._programs = ProgramCache()
 
     # ----- checkpoints -----------------------------------------------------------------------
     def state_dict(self):

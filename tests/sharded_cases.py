@@ -240,3 +240,37 @@ def nonfinite_on_one_rank(rank, world):
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
     assert all(opt.state[p]["step"] == 2 for p in (col_parallel, row_parallel))
+
+
+def nonfinite_without_shared_statistics(rank, world, port):
+    """ZeRO-style flat partition whose boundary falls between two parameters, so no statistic is
+    shared; a NaN in rank 1's gradient only. Every rank must refuse the step (the verdict travels
+    in the step's collective anyway) and none may wait forever: the group times out in 60 s."""
+    import datetime
+
+    from moga_dist import NonFiniteGradientError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        shapes = [(4, 5), (3, 5)]
+        sizes = [20, 15]
+        bounds = [0, 20, 35]                       # rank 0 owns the first matrix, rank 1 the second
+        mine = [torch.nn.Parameter(torch.randn(shapes[rank]))]
+        layouts = {}
+        for i, p in enumerate(mine):
+            k = rank
+            layouts[p] = ShardLayout(shapes[k], flat=FlatPartition.from_bounds(bounds, sum(sizes[:k]), sizes[k], rank))
+        opt = MOGA(mine, layouts=layouts, process_groups={"dp": dist.new_group(list(range(world)))})
+        mine[0].grad = torch.randn(shapes[rank])
+        if rank == 1:
+            mine[0].grad[0, 0] = float("nan")
+        try:
+            opt.step()
+        except NonFiniteGradientError as exc:
+            assert ("another rank" in str(exc)) == (rank == 0), str(exc)
+        else:
+            raise AssertionError(f"rank {rank} stepped although rank 1's gradient held a NaN")
+        assert opt.reducer.counter.payload_bytes.get("dp", 0) == 0    # nothing shared, only the verdict
+    finally:
+        dist.destroy_process_group()

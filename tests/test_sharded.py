@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dist_utils import spawn
-from sharded_cases import case_ids, nonfinite_on_one_rank, worker
+from moga_dist.testing import free_port
+from sharded_cases import case_ids, nonfinite_on_one_rank, nonfinite_without_shared_statistics, worker
 
 _RUNS: dict = {}
 
@@ -43,3 +44,8 @@ def test_triton_backend_sharded_equals_unsharded(world, case, tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_a_non_finite_gradient_on_one_rank_is_refused_on_every_rank(world):
     spawn(world, nonfinite_on_one_rank)
+
+
+@pytest.mark.distributed
+def test_a_non_finite_gradient_is_refused_on_every_rank_when_nothing_is_shared():
+    spawn(2, nonfinite_without_shared_statistics, free_port(), init_process_group=False)

@@ -46,7 +46,8 @@ class MOGA(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups; a group's ``role`` is one of hidden, embedding, head,
-            vector (default: 2-D global shape -> hidden, else vector). Any hyper-parameter below
+            vector (default: hidden for 2-D and higher global shapes, normalized as
+            [d_out, prod(rest)], i.e. flatten(1); vector otherwise). Any hyper-parameter below
             may be overridden per group. ``param_names`` (list of str) improves error messages.
         lr (float): learning rate η. momentum (float, 0.95): β. weight_decay (float, 0.1):
             decoupled, applied with the unscaled lr to hidden, embedding and head weights.

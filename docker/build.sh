@@ -30,6 +30,7 @@ debian_base() {
   local mirror=${DEBIAN_MIRROR:-$(host_mirror)} root
   [[ -n "$mirror" ]] || die "no Debian mirror found in /etc/apt/sources.list*; set DEBIAN_MIRROR"
   root=$(mktemp -d)
+  chmod 755 "$root"             # it becomes the image's /: mktemp's 0700 would lock out the non-root user
   trap 'rm -rf "$root"' RETURN
   echo "== debootstrap bookworm from $mirror"
   debootstrap --variant=minbase bookworm "$root" "$mirror" > "$root.log" 2>&1 || { tail -20 "$root.log"; die "debootstrap failed"; }

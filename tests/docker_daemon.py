@@ -39,7 +39,15 @@ class Daemon:
             time.sleep(0.5)
         else:
             os.kill(self.pid, signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)
+        _remove(self.root)
+
+
+def _remove(root: Path) -> None:
+    """Delete a daemon's private directory, unmounting what it left mounted there (its netns)."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _client() -> str:
@@ -98,5 +106,5 @@ def ensure_daemon() -> Daemon:
     if proc.poll() is None:
         daemon.stop()
     else:
-        shutil.rmtree(root, ignore_errors=True)
+        _remove(root)
     raise Unavailable(f"dockerd did not start: {tail}")

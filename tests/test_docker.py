@@ -60,8 +60,12 @@ def _host_run(out: Path) -> dict:
 
 
 def _node(daemon, image: str, rank: int, port: int, outputs: Path) -> subprocess.Popen:
-    """`docker run` of launch/torchrun.sh as node `rank` of 2, as a cluster user starts it on each node."""
-    cmd = [daemon.env["DOCKER"], "run", "--rm", "--network", "host", "--ipc", "host",
+    """`docker run` of launch/torchrun.sh as node `rank` of 2, as a cluster user starts it on each node.
+    Each node has its own host name, as on a cluster (torchrun's rendezvous tells nodes apart by host name
+    and PID, and both agents are PID 1), resolving to the shared loopback."""
+    cmd = [daemon.env["DOCKER"], "run", "--rm", "--name", f"moga-test-node{rank}", "--network", "host",
+           "--hostname", f"node{rank}", "--add-host", "node0:127.0.0.1", "--add-host", "node1:127.0.0.1",
+           "--ipc", "host",
            "-v", f"{outputs}:/opt/moga_dist/outputs",
            "-e", "NNODES=2", "-e", f"NODE_RANK={rank}", "-e", "NPROC_PER_NODE=1", "-e", "MASTER_ADDR=127.0.0.1",
            "-e", f"MASTER_PORT={port}", "-e", f"RDZV_IS_HOST={int(rank == 0)}", "-e", "GLOO_SOCKET_IFNAME=lo",
@@ -76,7 +80,11 @@ def test_two_container_nodes_match_a_single_node_run(daemon, image, tmp_path):
     outputs.chmod(0o777)            # the image's user (uid 1000) writes here
     port = free_port()
     nodes = [_node(daemon, image, rank, port, outputs) for rank in (0, 1)]
-    logs = [node.communicate(timeout=900)[0] for node in nodes]
+    try:
+        logs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:        # a hung job must not outlive the test
+        subprocess.run([daemon.env["DOCKER"], "rm", "-f", "moga-test-node0", "moga-test-node1"], env=daemon.env,
+                       capture_output=True)
     assert all(node.returncode == 0 for node in nodes), logs[0][-4000:] + logs[1][-4000:]
     assert "fused CPU kernels unavailable" not in logs[0] + logs[1]      # g++ in the image builds them
     containers = json.loads((outputs / "two_nodes/summary.json").read_text())

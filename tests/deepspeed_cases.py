@@ -38,10 +38,10 @@ def batches(global_batch, steps, seed=7):
     return [torch.randint(0, VOCAB, (global_batch, SEQ), generator=gen) for _ in range(steps)]
 
 
-def reference(data, clip):
+def reference(data, clip, hp=HP):
     torch.manual_seed(0)
     model = Tiny()
-    opt = MOGA(param_groups(model), **HP)
+    opt = MOGA(param_groups(model), **hp)
     for tokens in data:
         opt.zero_grad()
         loss_of(model, tokens).backward()

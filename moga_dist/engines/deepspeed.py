@@ -23,8 +23,9 @@ import torch
 from ..core.optimizer import MOGA
 from ..core.param_groups import param_groups
 from .deepspeed_wrappers import adopt, describe, merge_groups
+from .deepspeed_zero3 import adopt_stage3, check_stage3
 
-SUPPORTED_STAGES = (0, 1, 2)
+SUPPORTED_STAGES = (0, 1, 2, 3)
 _ENGINE_MODULE = "deepspeed.runtime.engine"
 
 
@@ -164,7 +165,7 @@ def configure_optimizer(engine, configure, client_optimizer, model_parameters) -
     # decoupled weight decay that would move the weights and count a step.
     with moga.suspended():
         configure(engine, moga, model_parameters)
-    adopt(engine.optimizer, moga, specs)
+    (adopt_stage3 if engine.zero_optimization_stage() == 3 else adopt)(engine.optimizer, moga, specs)
 
 
 def check_config(engine) -> None:
@@ -172,8 +173,9 @@ def check_config(engine) -> None:
     stage = engine.zero_optimization_stage()
     if stage not in SUPPORTED_STAGES:
         raise ValueError(f"zero_optimization.stage={stage}: MOGA through DeepSpeed supports ZeRO stages "
-                         f"{SUPPORTED_STAGES}; under ZeRO-3 parameters are partitioned before the optimizer "
-                         "sees them. Use stage 2")
+                         f"{SUPPORTED_STAGES}")
+    if stage == 3:
+        check_stage3(engine)
     refused = [("fp16.enabled", engine.fp16_enabled(), "use bf16 (fp16 loss scaling is not verified with MOGA)"),
                ("zero_optimization.offload_optimizer", engine.zero_offload_optimizer() is not None
                 and str(getattr(engine.zero_offload_optimizer(), "device", "none")).split(".")[-1] != "none",

@@ -16,11 +16,12 @@ update is the one single-process MOGA computes. Only MOGA's public engine interf
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from ..core.flat import partition_segments
+from ..core.flat import FlatSegment, partition_segments
 from ..core.layout import ShardLayout
 from ..core.optimizer import MOGA
 from ..core.param_groups import assign_roles
@@ -38,6 +39,40 @@ class ParamSpec:
     name: str
     layout: ShardLayout
     options: dict
+
+
+@dataclass(frozen=True)
+class HeldTensor:
+    """A tensor MOGA updates for DeepSpeed and the parameter pieces it holds: segment k is
+    tensor[start : start + numel] = the flattened parameter's [flat range) (all of it when the
+    segment's layout has no FlatPartition). params[k]: the model's tensor segment k belongs to
+    (what the forward pass reads). What checkpoints read and write in model space."""
+
+    tensor: torch.Tensor
+    segments: list[FlatSegment]
+    params: list[torch.Tensor]
+
+
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def held_tensors(moga: MOGA) -> list[HeldTensor]:
+    """Every tensor `adopt` (or ZeRO-3's adopt_stage3) declared on `moga`, in declaration order."""
+    held = _HELD.get(moga)
+    if not held:
+        raise ValueError("this MOGA was not put inside a DeepSpeed engine by moga_dist (import moga_dist before "
+                         "deepspeed.initialize)")
+    return held
+
+
+def forget(moga: MOGA) -> None:
+    """Drop what an earlier adoption of `moga` recorded."""
+    _HELD.pop(moga, None)
+
+
+def remember(moga: MOGA, held: HeldTensor) -> None:
+    """Record a declared tensor for held_tensors (a fresh adoption starts a fresh list)."""
+    _HELD.setdefault(moga, []).append(held)
 
 
 def describe(moga: MOGA, model: torch.nn.Module) -> dict[int, ParamSpec]:
@@ -80,6 +115,7 @@ def merge_groups(moga: MOGA, specs: dict[int, ParamSpec]) -> None:
 def adopt(ds_optimizer, moga: MOGA, specs: dict[int, ParamSpec]) -> None:
     """Declare on MOGA the tensors `ds_optimizer` (DeepSpeed's wrapper, or MOGA itself) gave it."""
     kind = type(ds_optimizer).__name__
+    forget(moga)
     if ds_optimizer is moga:
         _declare_copies(moga, [(p, p) for g in moga.param_groups for p in g["params"]], specs)
     elif kind == "FP16_UnfusedOptimizer":
@@ -109,8 +145,9 @@ def adopt(ds_optimizer, moga: MOGA, specs: dict[int, ParamSpec]) -> None:
 def _declare_copies(moga: MOGA, pairs: list[tuple[torch.Tensor, torch.Tensor]], specs) -> None:
     """(model parameter, tensor MOGA updates for it): the same layout and role on the latter."""
     for original, held in pairs:
-        spec = _spec(specs, original)
+        spec = spec_of(specs, original)
         moga.declare(held, layout=spec.layout, options={"role": spec.options["role"]} if spec.options["role"] else None)
+        remember(moga, HeldTensor(held, [FlatSegment(0, spec.layout, spec.name)], [original]))
 
 
 def _declare_partition(moga: MOGA, buffer, params, shapes, offsets, partition_size, group, specs) -> None:
@@ -118,12 +155,13 @@ def _declare_partition(moga: MOGA, buffer, params, shapes, offsets, partition_si
     of `params` (of `shapes`, at `offsets`): one segment per parameter, on every rank in the same order."""
     import torch.distributed as dist
 
-    chosen = [_spec(specs, p) for p in params]
+    chosen = [spec_of(specs, p) for p in params]
     segments = partition_segments(shapes, offsets, partition_size,
                                   dist.get_rank(group), dist.get_world_size(group), [s.name for s in chosen],
                                   [s.options for s in chosen], [s.layout for s in chosen])
     moga.set_process_group("dp", group)
     moga.declare_flat_buffer(buffer, segments, _base_lr(moga, buffer))
+    remember(moga, HeldTensor(buffer, segments, list(params)))
 
 
 def _base_lr(moga: MOGA, buffer) -> float:
@@ -132,7 +170,8 @@ def _base_lr(moga: MOGA, buffer) -> float:
     return float(group.get("initial_lr", group["lr"]))
 
 
-def _spec(specs: dict[int, ParamSpec], param: torch.Tensor) -> ParamSpec:
+def spec_of(specs: dict[int, ParamSpec], param: torch.Tensor) -> ParamSpec:
+    """The ParamSpec `describe` captured for `param`; raises naming its shape if MOGA was not given it."""
     spec = specs.get(id(param))
     if spec is None:
         raise ValueError(f"DeepSpeed optimizes a parameter of shape {tuple(param.shape)} that MOGA was not given; "

@@ -38,8 +38,8 @@ class Flag:
 FLAGS = (
     Flag("norm", str, "'row' (normalize each output row) or 'col' (each input column, per fused block)"),
     Flag("momentum", float, "momentum coefficient beta"),
-    Flag("p", float, "norm exponent of the row/column normalization"),
-    Flag("q", float, "exponent of the width scale"),
+    Flag("p", float, "row geometry: rows are normalized in the l_p norm (hidden, norm=row; head)"),
+    Flag("q", float, "column geometry: columns are normalized in the l_q norm (hidden, norm=col)"),
     Flag("hidden_mult", float, "update multiplier of hidden matrices"),
     Flag("embedding_mult", float, "update multiplier of embeddings (sign updates)"),
     Flag("head_mult", float, "update multiplier of the output layer"),

@@ -33,10 +33,6 @@ def encode_bytes(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
-def decode_bytes(tokens: torch.Tensor) -> str:
-    return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
-
-
 class ByteCorpus:
     """Train/validation token streams; `batch` samples windows of seq_len tokens (the model's loss
     shifts them: each window trains seq_len - 1 next-token predictions)."""

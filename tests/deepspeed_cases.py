@@ -132,12 +132,6 @@ def refusals(rank, world):
     torch.manual_seed(0)
     model = Tiny()
     try:
-        mds.initialize(model=model, optimizer=MOGA(param_groups(model)), config=ds_config(3, 2, 1))
-    except ValueError as exc:
-        assert "stage=3" in str(exc) and "stage 2" in str(exc)
-    else:
-        raise AssertionError("ZeRO-3 was not refused")
-    try:
         mds.initialize(model=model, config={**ds_config(1, 2, 1), "optimizer": {"type": "MOGA", "params": {"lrr": 1}}})
     except ValueError as exc:
         assert "lrr" in str(exc)
@@ -145,7 +139,6 @@ def refusals(rank, world):
         raise AssertionError("unknown optimizer key was not refused")
     # What cannot be exact is refused inside deepspeed.initialize, naming the config key, before any forward.
     for key, cfg in (("fp16.enabled", {"fp16": {"enabled": True}}),
-                     ("zero_optimization.stage=3", {"zero_optimization": {"stage": 3}}),
                      ("zero_optimization.offload_optimizer",
                       {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
                        "zero_force_ds_cpu_optimizer": False})):

@@ -124,6 +124,21 @@ def _saved_pieces(directory: Path) -> tuple[dict, dict[str, list[SavedPiece]], d
     return common, {n: list(v.values()) for n, v in pieces.items()}, shapes
 
 
+def model_space_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """{parameter name: full fp32 master weight} assembled from a model-space checkpoint
+    (written at any world size); like DeepSpeed's zero_to_fp32 for MOGA's format."""
+    _, saved, shapes = _saved_pieces(Path(directory))
+    out = {}
+    for name, shape in shapes.items():
+        numel = 1
+        for s in shape:
+            numel *= s
+        full = torch.empty(numel, dtype=saved[name][0].weight.dtype if saved.get(name) else torch.float32)
+        _fill(full, 0, numel, saved.get(name, []), "weight", name)
+        out[name] = full.view(shape)
+    return out
+
+
 def _fill(dest: torch.Tensor, start: int, end: int, saved: list[SavedPiece], field: str, name: str) -> None:
     """dest (1-D, end - start elements) <- elements [start, end) of the saved parameter."""
     covered = 0

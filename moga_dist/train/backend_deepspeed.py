@@ -1,14 +1,19 @@
 """DeepSpeed backend of the training loop: HF LlamaForCausalLM (built from a config, no weights
-downloaded), MOGA through moga_dist.engines.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-2."""
+downloaded), MOGA through moga_dist.engines.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-3.
+
+With MOGA a checkpoint also holds MOGA's state in model space (engines/deepspeed_checkpoint.py),
+which is what a resume loads: it may then run at another data-parallel world size."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
+from .checkpoint import META, CheckpointError
 from .config import RunConfig
 from .engine_config import deepspeed_config
 from .dist_env import cpu_threads
@@ -27,8 +32,12 @@ def build_model(m) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+MODEL_SPACE = "moga_model_space"
+
+
 class DeepSpeedBackend:
-    """One data-parallel group over all ranks; checkpoints are DeepSpeed's own (per-rank ZeRO files)."""
+    """One data-parallel group over all ranks; checkpoints are DeepSpeed's own (per-rank ZeRO
+    files) plus, with MOGA, MOGA's state in model space (resumable at any world size)."""
 
     def __init__(self, cfg: RunConfig):
         if not torch.cuda.is_available():
@@ -61,17 +70,31 @@ class DeepSpeedBackend:
         # DeepSpeed's own engine unpickles with weights_only=False: a checkpoint file could run code.
         self.engine.checkpoint_engine = safe_checkpoint_engine(self.engine.checkpoint_engine)
 
+    @property
+    def model_space(self) -> bool:
+        """Whether checkpoints carry MOGA's state in model space (resumable at another world size)."""
+        return self.cfg.optimizer.name == "moga"
+
     def layout_meta(self) -> dict:
-        """Fields a resume must match: ZeRO files are per rank, so the world size must not change."""
-        return {"engine": "deepspeed", "world_size": self.world, "zero_stage": self.cfg.engine.zero_stage}
+        """Fields a resume must match. DeepSpeed's ZeRO files are per rank, so AdamW's world size
+        must not change; MOGA's model-space state loads at any world size (recorded, not compared)."""
+        world = {"dp_world_size" if self.model_space else "world_size": self.world}
+        return {"engine": "deepspeed", "zero_stage": self.cfg.engine.zero_stage, **world}
 
     def describe(self) -> str:
         return f"ZeRO-{self.cfg.engine.zero_stage}"
 
+    def _micro_batch(self, corpus, step: int, micro: int):
+        """This rank's micro-batch: samples picked by their index in the step's global batch, so a
+        step trains on the same samples at any world size (a resume at another one continues the run)."""
+        size = self.cfg.training.micro_batch_size
+        first = (micro * self.dp_world + self.dp_rank) * size
+        return torch.cat([corpus.batch(step, first + i, 0, 1) for i in range(size)])
+
     def train_step(self, step: int, accum: int, corpus) -> list[float]:
         losses = []
         for micro in range(accum):
-            x = corpus.batch(step, micro, self.dp_rank, self.cfg.training.micro_batch_size)
+            x = self._micro_batch(corpus, step, micro)
             loss = self.engine(input_ids=x, labels=x).loss
             self.engine.backward(loss)
             self.engine.step()
@@ -106,7 +129,27 @@ class DeepSpeedBackend:
         every rank reaches DeepSpeed's closing barrier)."""
         self.engine.checkpoint_engine.write_errors.clear()
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        if self.model_space:
+            from ..engines.deepspeed_checkpoint import save_model_space
+
+            save_model_space(self.engine, directory / MODEL_SPACE, save=self.engine.checkpoint_engine.save)
         return list(self.engine.checkpoint_engine.write_errors)
 
     def load(self, directory: Path) -> None:
+        """MOGA's model-space state when the checkpoint has it (any world size), else DeepSpeed's
+        own files, which load only at the world size that wrote them."""
+        if self.model_space and (directory / MODEL_SPACE).is_dir():
+            from ..engines.deepspeed_checkpoint import load_model_space
+
+            try:
+                load_model_space(self.engine, directory / MODEL_SPACE)
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {directory}: {exc}") from None
+            return
+        saved = json.loads((directory / META).read_text()).get("world_size", self.world)
+        if saved != self.world:
+            raise CheckpointError(f"checkpoint {directory} was written at world_size {saved} without MOGA's "
+                                  f"model-space state (written by an older moga_dist, or by AdamW), and DeepSpeed's "
+                                  f"ZeRO files load only at that size; this run has {self.world}. Resume at "
+                                  f"{saved} ranks")
         self.engine.load_checkpoint(str(directory.parent), tag=directory.name)

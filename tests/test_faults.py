@@ -176,14 +176,15 @@ def _tmpfs_available() -> bool:
 def test_full_disk_says_no_space_left_keeps_the_previous_checkpoint_and_no_partial_dir(tmp_path):
     disk, report = tmp_path / "disk", tmp_path / "report.json"
     disk.mkdir()
-    # ~480 kB hold the step-2 checkpoint and DeepSpeed's scripts; the step-4 one does not fit. The
+    # ~800 kB hold the step-2 checkpoint (DeepSpeed's files and MOGA's model-space state, ~750 kB)
+    # and DeepSpeed's scripts; the step-4 one does not fit. The
     # mount lives in the namespace only, so the folder is inspected there, after the job exits.
     args = [a for s in TINY for a in ("--set", s)] + ["--set", f"output_dir='{disk}/run'", "--set",
                                                        "training.steps=4", "--set", "checkpoint.every=2"]
     inspect = (f"import json, pathlib; from moga_dist.train import checkpoint as c; d = pathlib.Path('{disk}/run/checkpoints'); "
                f"json.dump({{'names': sorted(p.name for p in d.iterdir()), 'latest': (d / 'latest').read_text(), "
                f"'problems': c.verify(d / 'step00000002', c.Group(0, 1))}}, open('{report}', 'w'))")
-    script = (f'mount -t tmpfs -o size=720k none {disk} && {{ "$@"; rc=$?; '
+    script = (f'mount -t tmpfs -o size=1100k none {disk} && {{ "$@"; rc=$?; '
               f'{sys.executable} -c "{inspect}"; exit $rc; }}')
     proc = _cli(args, REPO, prefix=("unshare", "-rm", "sh", "-c", script, "sh"))
     _one_line_error(proc, "no space left")

@@ -40,12 +40,25 @@ def _block_ids(rows: int, blocks: RowBlocks | None) -> list[int]:
     return [0] * rows if blocks is None else [blocks.block_of_global_row(r) for r in range(rows)]
 
 
-def analytic_minimum(specs, norm: str, tp: int, dp: int) -> int:
+def dp_bounds(sizes: list[int], dp: int, zero3: bool) -> list[tuple[list[int], int]]:
+    """Per parameter, (buffer boundaries of the dp ranks, the parameter's offset in that buffer):
+    ZeRO-1/2 cut one flat buffer of all parameters into dp equal parts; ZeRO-3 cuts each parameter
+    into ceil(n / dp) slices."""
+    if zero3:
+        return [([k * -(-n // dp) for k in range(dp + 1)], 0) for n in sizes]
+    part, out, start = -(-sum(sizes) // dp), [], 0
+    for n in sizes:
+        out.append(([k * part for k in range(dp + 1)], start))
+        start += n
+    return out
+
+
+def analytic_minimum(specs, norm: str, tp: int, dp: int, zero3: bool = False) -> int:
     """Floats a rank must all-reduce per step: by arithmetic on the layout, not by the planner.
 
     TP: the normalized axis crosses ranks for row-parallel weights (rows) or column-parallel ones
-    (one statistic per block and column). Flat DP partition of the TP-local buffer: statistics
-    touched on both sides of each partition boundary."""
+    (one statistic per block and column). Flat DP partitions (of the TP-local buffer, or of each
+    parameter under ZeRO-3): statistics touched on both sides of each partition boundary."""
     total = 0
     if tp > 1:
         for _, shape, tp_dim, _, blocks in specs:
@@ -57,11 +70,9 @@ def analytic_minimum(specs, norm: str, tp: int, dp: int) -> int:
                 total += (1 if blocks is None else blocks.num_blocks) * shape[1]
     if dp > 1:
         sizes = [math.prod(_local(shape, tp_dim, tp)) for _, shape, tp_dim, _, _ in specs]
-        part = -(-sum(sizes) // dp)
-        start = 0
-        for (_, shape, tp_dim, _, blocks), n in zip(specs, sizes):
+        for (_, shape, tp_dim, _, blocks), n, (bounds, start) in zip(specs, sizes, dp_bounds(sizes, dp, zero3)):
             for k in range(1, dp):
-                o = k * part - start
+                o = bounds[k] - start
                 if not 0 < o < n or len(shape) != 2:
                     continue
                 rows, cols = _local(shape, tp_dim, tp)
@@ -74,7 +85,6 @@ def analytic_minimum(specs, norm: str, tp: int, dp: int) -> int:
                 right = {(ids[r], j) for j in range(c, cols)} | \
                     {(b, j) for b in set(ids[r + 1:]) for j in range(cols)}
                 total += len(left & right)
-            start += n
     return total
 
 
@@ -95,7 +105,7 @@ def allgather_equivalent(specs, tp: int, dp: int) -> int:
     return total
 
 
-def _worker(rank, world, tp, dp, norm, steps, queue):
+def _worker(rank, world, tp, dp, norm, steps, queue, zero3=False):
     groups = {}
     for key, members in (("tp", [[d * tp + t for t in range(tp)] for d in range(dp)]),
                          ("dp", [[d * tp + t for d in range(dp)] for t in range(tp)])):
@@ -106,21 +116,19 @@ def _worker(rank, world, tp, dp, norm, steps, queue):
     t, d = rank % tp, rank // tp
     specs = layer_specs()
     sizes = [math.prod(_local(shape, tp_dim, tp)) for _, shape, tp_dim, _, _ in specs]
-    part = -(-sum(sizes) // dp)
     gen = torch.Generator().manual_seed(rank)
-    params, layouts, start = [], {}, 0
-    for (name, shape, tp_dim, stride, blocks), n in zip(specs, sizes):
+    params, layouts = [], {}
+    for (name, shape, tp_dim, stride, blocks), n, (bounds, start) in zip(specs, sizes, dp_bounds(sizes, dp, zero3)):
         split = TensorParallelSplit(tp_dim, t, tp, stride) if tp_dim is not None and tp > 1 else None
         flat = None
         local = _local(shape, tp_dim, tp)
         if dp > 1:
-            flat = FlatPartition.from_bounds([k * part for k in range(dp + 1)], start, n, d)
+            flat = FlatPartition.from_bounds(bounds, start, n, d)
             ranges = flat.ranges
             local = (ranges[d][1] - ranges[d][0],)
         p = torch.nn.Parameter(torch.randn(local, generator=gen) * 0.02)
         layouts[p] = ShardLayout(shape, tp=split, flat=flat, row_blocks=blocks)
         params.append(p)
-        start += n
     roles = [{"params": [p], "role": "hidden" if len(s[1]) == 2 else "vector"} for p, s in zip(params, specs)]
     opt = MOGA(roles, lr=1e-3, norm=norm, layouts=layouts, process_groups=groups)
     for p in params:
@@ -137,16 +145,16 @@ def _worker(rank, world, tp, dp, norm, steps, queue):
                sum(c.flag_bytes.values()) // steps))
 
 
-def run_layout(tp: int, dp: int, norm: str, steps: int) -> dict:
+def run_layout(tp: int, dp: int, norm: str, steps: int, zero3: bool = False) -> dict:
     """Spawn tp*dp gloo ranks; per-rank bytes/collectives per step, with minimum and equivalents."""
     world = tp * dp
     queue = mp.get_context("spawn").SimpleQueue()
-    spawn(world, _worker, tp, dp, norm, steps, queue)
+    spawn(world, _worker, tp, dp, norm, steps, queue, zero3)
     per_rank = sorted(queue.get() for _ in range(world))
     specs = layer_specs()
     groups_used = {k for r in per_rank for k in r[3]}
     return {"tp": tp, "dp": dp, "norm": norm, "bytes": max(r[1] for r in per_rank),
-            "minimum": 4 * analytic_minimum(specs, norm, tp, dp),
+            "minimum": 4 * analytic_minimum(specs, norm, tp, dp, zero3),
             "allgather_equivalent": allgather_equivalent(specs, tp, dp),
             "verdict_bytes": max(r[5] for r in per_rank),
             "collectives_per_step": max(r[2] for r in per_rank), "groups": len(groups_used),
@@ -164,14 +172,15 @@ def main(argv=None) -> None:
     print(f"{'layout':>10} {'norm':>4} {'bytes/rank':>11} {'minimum':>9} {'verdict':>7} {'allgather_eq':>13} "
           f"{'ratio':>8} {'coll/step':>9} {'step s':>7}")
     last = None
-    for tp, dp in ((2, 1), (1, 2), (4, 1)):
+    for tp, dp, zero3 in ((2, 1, False), (1, 2, False), (4, 1, False), (1, 2, True)):
         for norm in args.norms:
-            r = run_layout(tp, dp, norm, args.steps)
+            r = run_layout(tp, dp, norm, args.steps, zero3)
             ratio = r["allgather_equivalent"] / max(r["bytes"], 1)
-            print(f"{f'TP{tp}xDP{dp}':>10} {norm:>4} {r['bytes']:>11} {r['minimum']:>9} {r['verdict_bytes']:>7} "
+            name = f"ZeRO3 DP{dp}" if zero3 else f"TP{tp}xDP{dp}"
+            print(f"{name:>10} {norm:>4} {r['bytes']:>11} {r['minimum']:>9} {r['verdict_bytes']:>7} "
                   f"{r['allgather_equivalent']:>13} {ratio:>8.0f} {r['collectives_per_step']:>9.0f} "
                   f"{r['step_s']:>7.2f}", flush=True)
-            last = r
+            last = r if not zero3 else last
     if args.fsdp:
         from .comm_dtensor import run_fsdp_layout
 

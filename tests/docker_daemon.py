@@ -21,24 +21,21 @@ class Unavailable(Exception):
 
 @dataclass
 class Daemon:
-    """A reachable daemon: `env` points the client `env["DOCKER"]` at it; `pid` is set when we started it."""
+    """A reachable daemon: `env` points the client `env["DOCKER"]` at it; `proc` is set when we started it."""
     env: dict
-    pid: int | None = None
+    proc: subprocess.Popen | None = None
     root: Path | None = None
 
     def stop(self) -> None:
-        """Stop the daemon we started (by its PID) and remove its private directories."""
-        if self.pid is None:
+        """Stop the daemon we started (SIGTERM to its PID; it stops its containers) and remove its directories."""
+        if self.proc is None:
             return
-        os.kill(self.pid, signal.SIGTERM)
-        for _ in range(120):
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            os.kill(self.pid, signal.SIGKILL)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         _remove(self.root)
 
 
@@ -47,7 +44,8 @@ def _remove(root: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
     for point in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
         subprocess.run(["umount", "-l", point], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
+    # rm is much faster than shutil.rmtree on vfs's full copies; never crosses into a mount left behind.
+    subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
 def _client() -> str:
@@ -90,12 +88,12 @@ def ensure_daemon() -> Daemon:
         raise Unavailable("no Docker daemon reachable and starting one needs root")
     root = Path(tempfile.mkdtemp(prefix="moga-dockerd-"))
     sock = root / "docker.sock"
-    log = open(root / "dockerd.log", "w")
-    proc = subprocess.Popen(["dockerd", "--host", f"unix://{sock}", "--data-root", str(root / "data"),
-                             "--exec-root", str(root / "exec"), "--pidfile", str(root / "dockerd.pid"),
-                             "--storage-driver=vfs", "--iptables=false", "--bridge=none"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    daemon = Daemon({**env, "DOCKER_HOST": f"unix://{sock}"}, proc.pid, root)
+    with open(root / "dockerd.log", "w") as log:     # the daemon keeps its own copy of the descriptor
+        proc = subprocess.Popen(["dockerd", "--host", f"unix://{sock}", "--data-root", str(root / "data"),
+                                 "--exec-root", str(root / "exec"), "--pidfile", str(root / "dockerd.pid"),
+                                 "--storage-driver=vfs", "--iptables=false", "--bridge=none"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = Daemon({**env, "DOCKER_HOST": f"unix://{sock}"}, proc, root)
     for _ in range(60):
         if proc.poll() is not None:
             break
@@ -103,8 +101,5 @@ def ensure_daemon() -> Daemon:
             return daemon
         time.sleep(1)
     tail = (root / "dockerd.log").read_text()[-800:]
-    if proc.poll() is None:
-        daemon.stop()
-    else:
-        _remove(root)
+    daemon.stop()
     raise Unavailable(f"dockerd did not start: {tail}")

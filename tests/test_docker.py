@@ -61,10 +61,10 @@ def _host_run(out: Path) -> dict:
 
 def _node(daemon, image: str, rank: int, port: int, outputs: Path) -> subprocess.Popen:
     """`docker run` of launch/torchrun.sh as node `rank` of 2, as a cluster user starts it on each node.
-    Each node has its own host name, as on a cluster (torchrun's rendezvous tells nodes apart by host name
-    and PID, and both agents are PID 1), resolving to the shared loopback."""
+    Each node has its own host name and loopback address, as on a cluster: torchrun's rendezvous tells
+    nodes apart by their fully qualified name and PID, and both agents are PID 1."""
     cmd = [daemon.env["DOCKER"], "run", "--rm", "--name", f"moga-test-node{rank}", "--network", "host",
-           "--hostname", f"node{rank}", "--add-host", "node0:127.0.0.1", "--add-host", "node1:127.0.0.1",
+           "--hostname", f"node{rank}", "--add-host", "node0:127.0.0.2", "--add-host", "node1:127.0.0.3",
            "--ipc", "host",
            "-v", f"{outputs}:/opt/moga_dist/outputs",
            "-e", "NNODES=2", "-e", f"NODE_RANK={rank}", "-e", "NPROC_PER_NODE=1", "-e", "MASTER_ADDR=127.0.0.1",

@@ -9,6 +9,7 @@ closing collective and the job can refuse the checkpoint on all ranks together.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -26,11 +27,21 @@ def _allowed_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+def _enum_member(cls, name: str):
+    """What `getattr` may do in a checkpoint: name a member of an allowed enum. Python 3.11.0-3.11.4
+    (Debian bookworm's 3.11.2 among them) pickle an enum member as getattr(EnumClass, "name")."""
+    import enum
+
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in _allowed_globals()):
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) refused: only members of allowed enums")
+    return cls[name]
+
+
 def safe_load(path: str | Path, map_location=None, mmap: bool = False):
-    """torch.load with weights_only=True (DeepSpeed's plain classes allowed); raises
-    pickle.UnpicklingError naming the refused global for anything else. mmap=True maps tensor
-    storages instead of reading them (a cheap whole-file check)."""
-    with torch.serialization.safe_globals(_allowed_globals()):
+    """torch.load with weights_only=True (DeepSpeed's plain classes allowed, and `getattr` only as
+    an enum-member lookup); raises pickle.UnpicklingError naming the refused global for anything
+    else. mmap=True maps tensor storages instead of reading them (a cheap whole-file check)."""
+    with torch.serialization.safe_globals([*_allowed_globals(), (_enum_member, "builtins.getattr")]):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 

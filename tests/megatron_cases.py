@@ -3,7 +3,6 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 STEPS = 3
 GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 256
@@ -35,7 +34,6 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.transformer import TransformerConfig
 
     import megatron_support
     import moga_dist.engines.megatron as moga_megatron
@@ -43,13 +41,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     megatron_support.apply_model_shims()
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                            ffn_hidden_size=96, tensor_model_parallel_size=tp, use_cpu_initialization=True,
-                            params_dtype=torch.float32, pipeline_dtype=torch.float32, normalization="RMSNorm",
-                            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=bias,
-                            hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
-                            apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-                            gradient_accumulation_fusion=False)
+    cfg = megatron_support.tiny_config(tensor_model_parallel_size=tp, add_bias_linear=bias)
     torch.manual_seed(42)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
@@ -299,7 +291,6 @@ def bf16_wrapper(rank, world, tp, distopt=False, registry=False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.transformer import TransformerConfig
 
     import moga_dist.engines.megatron as moga_megatron
     from moga_dist.core.reference import reference_step
@@ -308,13 +299,8 @@ def bf16_wrapper(rank, world, tp, distopt=False, registry=False):
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     megatron_support.apply_model_shims()
-    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                            ffn_hidden_size=96, tensor_model_parallel_size=tp, use_cpu_initialization=True,
-                            bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
-                            normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                            add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-                            bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-                            persist_layer_norm=False, gradient_accumulation_fusion=False)
+    cfg = megatron_support.tiny_config(num_layers=1, tensor_model_parallel_size=tp, bf16=True,
+                                       params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     torch.manual_seed(42)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",

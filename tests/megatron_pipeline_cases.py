@@ -2,7 +2,6 @@
 through the training job's Megatron backend."""
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron_cases import GLOBAL_BATCH, MOGA_SETTINGS, SEQ, STEPS, VOCAB, gather_full
 
@@ -19,7 +18,6 @@ def pipeline(rank, world, ref_path, tp, pp):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer import TransformerConfig
 
     import moga_dist.engines.megatron as moga_megatron
 
@@ -29,13 +27,7 @@ def pipeline(rank, world, ref_path, tp, pp):
     megatron_support.apply_model_shims()
     want = torch.load(ref_path, weights_only=True)["col"]
     init = torch.load(ref_path.replace(".pt", "_init.pt"), weights_only=True)
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                            ffn_hidden_size=96, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-                            normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                            add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-                            bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-                            persist_layer_norm=False, gradient_accumulation_fusion=False)
+    cfg = megatron_support.tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",

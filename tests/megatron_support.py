@@ -111,3 +111,17 @@ def allow_python_3_12_typing():
         import typing_extensions
 
         typing.override = typing_extensions.override
+
+
+def tiny_config(**overrides):
+    """The tests' small LLaMA-like TransformerConfig (2 layers, width 64, GQA 4/2, SwiGLU, RMSNorm,
+    fp32, no dropout or fusions); `overrides` replace or add fields (tp, pp, bf16, biases...)."""
+    import torch.nn.functional as nnf
+    from megatron.core.transformer import TransformerConfig
+
+    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                  use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+                  normalization="RMSNorm", gated_linear_unit=True, activation_func=nnf.silu, add_bias_linear=False,
+                  hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
+                  masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False)
+    return TransformerConfig(**{**fields, **overrides})

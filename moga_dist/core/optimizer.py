@@ -281,13 +281,10 @@ class MOGA(torch.optim.Optimizer):
                 if self.skipped_steps is None:
                     self.skipped_steps = torch.zeros((), device=program.device)
                 self.skipped_steps.add_(verdict.refused.reshape(()))
-                for state in program.states:
-                    state["step"] += 1
             elif verdict.refused:
-                self._refuse_non_finite(program, verdict.elsewhere)
-            else:
-                for state in program.states:
-                    state["step"] += 1
+                self._refuse_non_finite(program, verdict.elsewhere)       # raises: the step is not counted
+            for state in program.states:
+                state["step"] += 1
         finally:
             program.release()
         return loss

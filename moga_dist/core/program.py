@@ -61,7 +61,7 @@ class StepProgram:
         self.backend_of = {k: name for name, ks in chosen.items() for k in ks}
         self.batches = [backends.make_batches(name, [self.pieces[k] for k in ks], [offsets[k] for k in ks])
                         for name, ks in chosen.items()]
-        self.needs_zero = any(getattr(b, "needs_zero", True) for b in self.batches)
+        self.needs_zero = any(b.needs_zero for b in self.batches)
 
     def bind(self) -> None:
         """Point every piece and batch at this step's gradients and lr/decay (set on the pieces)."""

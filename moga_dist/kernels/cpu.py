@@ -15,6 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core import functional as F
+from ..core.backends import kind_of
+
 _STATE: dict = {}
 
 
@@ -108,14 +111,12 @@ class CpuBatches:
     native_gate = False
 
     def __init__(self, pieces: list, offsets: list[int]):
-        from ..core import functional as F
-
         self.pieces, self.offsets = pieces, offsets
         self.needs_zero = not all(_writes_every_slot(pc) for pc in pieces)
         self.calls_a: dict[tuple, _Call] = {}
         self.calls_b: dict[tuple, _Call] = {}
         for k, (pc, off) in enumerate(zip(pieces, offsets)):
-            kind = "sign" if pc.plan is None else ("rows_local" if pc.one_pass else f"{pc.plan.axis}s")
+            kind = kind_of(pc)
             targets = [self.calls_a] + ([self.calls_b] if kind in ("rows", "cols") else [])
             for calls in targets:
                 call = calls.setdefault((kind, pc.eps), _Call(kind, pc.eps))
@@ -128,8 +129,6 @@ class CpuBatches:
 
     def bind(self) -> None:
         """Point every call at this step's gradients, lr and decay (set on the pieces)."""
-        from ..core import functional as F
-
         pieces = self.pieces
         for call in (*self.calls_a.values(), *self.calls_b.values()):
             call.alpha = [pieces[k].lr * scale for k, _, scale in call.src]
@@ -157,8 +156,6 @@ class CpuBatches:
             getattr(op, f"{c.kind}_b")(c.p, c.m, arena, c.off, c.decay, c.alpha, c.eps)
 
     def undo(self, arena, refused=None) -> None:
-        from ..core import functional as F
-
         for pc, off in zip(self.pieces, self.offsets):
             if pc.one_pass:
                 F.undo_one_pass(pc, arena[off:off + F.stats_size(pc)])

@@ -21,6 +21,9 @@ import torch.multiprocessing as mp
 from moga_dist import MOGA, FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
 from moga_dist.testing import spawn
 
+from .comm_bytes import allgather_equivalent
+from .comm_dtensor import run_fsdp_layout
+
 HIDDEN, FFN, HEADS, HEAD_DIM = 4096, 11008, 32, 128
 
 
@@ -93,16 +96,6 @@ def _local(shape, tp_dim, tp):
     if tp_dim is not None and tp > 1:
         out[tp_dim] //= tp
     return tuple(out)
-
-
-def allgather_equivalent(specs, tp: int, dp: int) -> int:
-    """Bytes a rank receives when every sharded matrix is all-gathered in bf16."""
-    world = tp * dp
-    total = 0
-    for _, shape, tp_dim, _, _ in specs:
-        if len(shape) == 2:
-            total += int(math.prod(shape) * 2 * (world - 1) / world)
-    return total
 
 
 def _worker(rank, world, tp, dp, norm, steps, queue, zero3=False):
@@ -182,7 +175,6 @@ def main(argv=None) -> None:
                   f"{r['step_s']:>7.2f}", flush=True)
             last = r if not zero3 else last
     if args.fsdp:
-        from .comm_dtensor import run_fsdp_layout
 
         for dp, tp in ((2, 1), (2, 2)):
             for norm in args.norms:

@@ -20,6 +20,8 @@ from moga_dist import MOGA, param_groups
 from moga_dist.core.dtensor import chunk_ranges
 from moga_dist.testing import spawn
 
+from .comm_bytes import allgather_equivalent
+
 HIDDEN, FFN = 4096, 11008
 
 
@@ -102,7 +104,6 @@ def _worker(rank, world, dp, tp, norm, steps, sizes, queue):
 
 def run_fsdp_layout(dp: int, tp: int, norm: str, steps: int, hidden: int = HIDDEN, ffn: int = FFN) -> dict:
     """Spawn dp*tp gloo ranks (FSDP2 over dp, TP over tp); the same row fields as comm.run_layout."""
-    from .comm import allgather_equivalent
 
     world = dp * tp
     queue = mp.get_context("spawn").SimpleQueue()

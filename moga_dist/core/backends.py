@@ -70,13 +70,6 @@ def one_pass(backend: str, piece: F.Piece) -> bool:
     return backend != "torch" and (piece.plan is None or (piece.plan.axis == "row" and not piece.plan.group_slots))
 
 
-def kind_of(piece: F.Piece) -> str:
-    """The fused kernels' kind of a piece: sign (no plan), rows_local (one pass), rows or cols."""
-    if piece.plan is None:
-        return "sign"
-    return "rows_local" if piece.one_pass else f"{piece.plan.axis}s"
-
-
 class TorchBatches:
     """The plain loop: functional.phase_a / phase_b per piece."""
 

@@ -39,6 +39,13 @@ class Piece:
     one_pass: bool = False      # set by the step program: the backend updates it in phase A
     lookahead_buffer: torch.Tensor | None = None   # phase A -> phase B only, released by the step
 
+    @property
+    def kind(self) -> str:
+        """The fused kernels' kind: sign (no plan), rows_local (one pass), rows or cols."""
+        if self.plan is None:
+            return "sign"
+        return "rows_local" if self.one_pass else f"{self.plan.axis}s"
+
     def scale_of(self, run) -> float:
         """The lr multiplier of `run`'s block (None: the whole piece)."""
         return self.scales[run.block if run is not None and len(self.scales) > 1 else 0]

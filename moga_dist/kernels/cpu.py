@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import functional as F
-from ..core.backends import kind_of
 
 _STATE: dict = {}
 
@@ -116,7 +115,7 @@ class CpuBatches:
         self.calls_a: dict[tuple, _Call] = {}
         self.calls_b: dict[tuple, _Call] = {}
         for k, (pc, off) in enumerate(zip(pieces, offsets)):
-            kind = kind_of(pc)
+            kind = pc.kind
             targets = [self.calls_a] + ([self.calls_b] if kind in ("rows", "cols") else [])
             for calls in targets:
                 call = calls.setdefault((kind, pc.eps), _Call(kind, pc.eps))

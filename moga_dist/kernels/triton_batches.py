@@ -14,7 +14,6 @@ import torch
 import triton.language as tl
 
 from ..core import functional as F
-from ..core.backends import kind_of
 from . import triton as K
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
@@ -57,7 +56,7 @@ class TritonBatches:
         self.device = pieces[0].param.device if pieces else torch.device("cpu")
         self.groups: dict[tuple, _Group] = {}
         for k, (pc, off) in enumerate(zip(pieces, offsets)):
-            kind = kind_of(pc)
+            kind = pc.kind
             key = (kind, pc.param.dtype, pc.grad.dtype)
             group = self.groups.setdefault(key, _Group(kind, _TL[pc.param.dtype], _TL[pc.grad.dtype]))
             for run in pc.plan.runs if pc.plan is not None else [None]:

@@ -54,16 +54,21 @@ def fresh():
 
 
 def clean(name):
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+    for wrapper in ("_forward_module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("module.")
 
 
 def full_state(model):
-    """{parameter name: full tensor} (a collective under FSDP1/FSDP2)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        v = v.full_tensor() if hasattr(v, "full_tensor") else v
-        out[clean(k)] = v.detach().clone().float()
-    return out
+    """{parameter name: full tensor}, a collective: FSDP1 through summon_full_params (whatever
+    state-dict type a framework set), DTensors (FSDP2) through full_tensor()."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if any(isinstance(m, FSDP) for m in model.modules()):
+        with FSDP.summon_full_params(model, writeback=False):
+            return {clean(n): p.detach().clone().float() for n, p in model.named_parameters()}
+    return {clean(n): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().float()
+            for n, p in model.named_parameters()}
 
 
 ROLELESS = ("accelerate-fsdp2-together-parameters",)
@@ -208,6 +213,30 @@ def accelerate(rank, world, version, orig=None, order="together", groups="param_
     return train(model, opt, got, backward=acc.backward)
 
 
+def fabric(rank, world, sharding="FULL_SHARD"):
+    """Lightning Fabric's FSDPStrategy (use_orig_params=True, its default), in the order Fabric
+    documents for FSDP: setup_module, then MOGA over the set-up module, then setup_optimizers.
+    Test-only shims: Fabric refuses `type(strategy) is FSDPStrategy` off GPUs, so a subclass; and
+    its FSDP call passes device_id=root_device.index (None on CPU, which FSDP1 refuses), so the
+    subclass wraps with device_id=cpu and otherwise Lightning's own arguments."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    class CpuFSDPStrategy(FSDPStrategy):
+        def setup_module(self, module):
+            module = FSDP(module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                          sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self._fsdp_kwargs)
+            return super().setup_module(module)
+
+    fab = Fabric(accelerator="cpu", devices=world,
+                 strategy=CpuFSDPStrategy(process_group_backend="gloo", sharding_strategy=sharding))
+    fab.launch()
+    model = fab.setup_module(fresh())
+    opt = fab.setup_optimizers(MOGA(param_groups(model), **HP))
+    return train(model, opt, my_batches(rank, world), backward=fab.backward)
+
+
 DOORS = {
     "fsdp1-orig0-after-param_groups": (torch_fsdp1, dict(orig=False)),
     "fsdp1-orig0-after-parameters": (torch_fsdp1, dict(orig=False, groups="parameters")),
@@ -226,6 +255,8 @@ DOORS = {
     "accelerate-fsdp1-orig1-documented": (accelerate, dict(version=1, orig=True, order="documented")),
     "accelerate-fsdp1-orig1-together": (accelerate, dict(version=1, orig=True, order="together")),
     "accelerate-fsdp2-together-param_groups": (accelerate, dict(version=2, order="together")),
+    "lightning-fabric-fsdp": (fabric, {}),
+    "lightning-fabric-fsdp-shard_grad_op": (fabric, dict(sharding="SHARD_GRAD_OP")),
     # MOGA(model.parameters()) has no roles: the reference is single-process MOGA(model.parameters()).
     "accelerate-fsdp2-together-parameters": (accelerate, dict(version=2, order="together", groups="parameters")),
 }

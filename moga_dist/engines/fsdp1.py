@@ -154,7 +154,8 @@ def _fsdp_units(roots=None):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if roots is None:
-        units = [o for o in gc.get_objects() if isinstance(o, FSDP)]
+        # type(), not isinstance: some live objects warn or fail when asked for __class__.
+        units = [o for o in gc.get_objects() if issubclass(type(o), FSDP)]
         roots = [u for u in units if getattr(u, "_is_root", False)] or units
     else:
         units = [u for r in roots for u in FSDP.fsdp_modules(r)]

@@ -45,11 +45,20 @@ def batches(world):
 
 def loss_of(model, batch):
     tokens, targets = batch
-    return nnf.cross_entropy(model(tokens).reshape(-1, OUT), targets.reshape(-1))
+    logits = model(tokens)
+    return nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def fresh():
+def fresh(kind="tiny"):
     torch.manual_seed(0)
+    if kind == "gpt":                   # litgpt's GPT, one block: fused qkv, lm_head, wte, LayerNorms
+        from litgpt import Config
+        from litgpt.model import GPT
+
+        # bias=False: the key bias's gradient is exactly zero (softmax ignores a shift), so its sign
+        # update would follow rounding noise, which differs with the reduction order.
+        return GPT(Config(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=VOCAB, padded_vocab_size=VOCAB,
+                          intermediate_size=48, bias=False))
     return Tiny()
 
 
@@ -72,12 +81,13 @@ def full_state(model):
 
 
 ROLELESS = ("accelerate-fsdp2-together-parameters",)
+KIND = {"litgpt-fsdp": "gpt"}
 
 
-def reference(world, roles=True):
+def reference(world, roles=True, kind="tiny"):
     """Single-process MOGA(param_groups(model)) (roles=False: MOGA(model.parameters())) on the global
     batches: (state after step 1, final state)."""
-    model = fresh()
+    model = fresh(kind)
     opt = MOGA(param_groups(model) if roles else model.parameters(), **HP)
     data = batches(world)
     after1 = None
@@ -213,13 +223,7 @@ def accelerate(rank, world, version, orig=None, order="together", groups="param_
     return train(model, opt, got, backward=acc.backward)
 
 
-def fabric(rank, world, sharding="FULL_SHARD"):
-    """Lightning Fabric's FSDPStrategy (use_orig_params=True, its default), in the order Fabric
-    documents for FSDP: setup_module, then MOGA over the set-up module, then setup_optimizers.
-    Test-only shims: Fabric refuses `type(strategy) is FSDPStrategy` off GPUs, so a subclass; and
-    its FSDP call passes device_id=root_device.index (None on CPU, which FSDP1 refuses), so the
-    subclass wraps with device_id=cpu and otherwise Lightning's own arguments."""
-    from lightning.fabric import Fabric
+def _cpu_fsdp_strategy():
     from lightning.fabric.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -228,9 +232,38 @@ def fabric(rank, world, sharding="FULL_SHARD"):
             module = FSDP(module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                           sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self._fsdp_kwargs)
             return super().setup_module(module)
+    return CpuFSDPStrategy
+
+
+def litgpt_fsdp(rank, world):
+    """litgpt's multi-device recipe (pretrain.py/finetune): Fabric FSDPStrategy wrapping each Block,
+    full state dicts, then `instantiate_torch_optimizer(optimizer, model.parameters())` with MOGA as
+    litgpt's --optimizer class path. Roles come from the module tree (the groups have none).
+    litgpt's HYBRID_SHARD needs a CUDA device mesh in Lightning: FULL_SHARD here. Shims as in fabric()."""
+    from lightning.fabric import Fabric
+    from litgpt.model import Block
+    from litgpt.utils import instantiate_torch_optimizer
+
+    strategy = _cpu_fsdp_strategy()(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD",
+                                     process_group_backend="gloo")
+    fab = Fabric(accelerator="cpu", devices=world, strategy=strategy)
+    fab.launch()
+    model = fab.setup(fresh("gpt"))
+    opt = instantiate_torch_optimizer({"class_path": "moga_dist.MOGA", "init_args": dict(HP)}, model.parameters())
+    opt = fab.setup_optimizers(opt)
+    return train(model, opt, my_batches(rank, world), backward=fab.backward)
+
+
+def fabric(rank, world, sharding="FULL_SHARD"):
+    """Lightning Fabric's FSDPStrategy (use_orig_params=True, its default), in the order Fabric
+    documents for FSDP: setup_module, then MOGA over the set-up module, then setup_optimizers.
+    Test-only shims: Fabric refuses `type(strategy) is FSDPStrategy` off GPUs, so a subclass; and
+    its FSDP call passes device_id=root_device.index (None on CPU, which FSDP1 refuses), so the
+    subclass wraps with device_id=cpu and otherwise Lightning's own arguments."""
+    from lightning.fabric import Fabric
 
     fab = Fabric(accelerator="cpu", devices=world,
-                 strategy=CpuFSDPStrategy(process_group_backend="gloo", sharding_strategy=sharding))
+                 strategy=_cpu_fsdp_strategy()(process_group_backend="gloo", sharding_strategy=sharding))
     fab.launch()
     model = fab.setup_module(fresh())
     opt = fab.setup_optimizers(MOGA(param_groups(model), **HP))
@@ -257,6 +290,7 @@ DOORS = {
     "accelerate-fsdp2-together-param_groups": (accelerate, dict(version=2, order="together")),
     "lightning-fabric-fsdp": (fabric, {}),
     "lightning-fabric-fsdp-shard_grad_op": (fabric, dict(sharding="SHARD_GRAD_OP")),
+    "litgpt-fsdp": (litgpt_fsdp, {}),
     # MOGA(model.parameters()) has no roles: the reference is single-process MOGA(model.parameters()).
     "accelerate-fsdp2-together-parameters": (accelerate, dict(version=2, order="together", groups="parameters")),
 }
@@ -265,12 +299,12 @@ DOORS = {
 def run_doors(rank, world, names, out_path):
     """Run each named door; rank 0 writes {door: {"max_err", "roles", "error"}} to out_path."""
     torch.use_deterministic_algorithms(False)
-    refs = {True: reference(world), False: reference(world, roles=False)}
     results = {}
     for name in names:
         fn, kw = DOORS[name]
-        ref1, ref = refs[name not in ROLELESS]
-        model = fresh()
+        kind = KIND.get(name, "tiny")
+        ref1, ref = reference(world, name not in ROLELESS, kind)
+        model = fresh(kind)
         roles = assign_roles(model) if name not in ROLELESS else \
             {n: "hidden" if p.dim() > 1 else "vector" for n, p in model.named_parameters()}
         try:
@@ -280,7 +314,7 @@ def run_doors(rank, world, names, out_path):
             seen = {n: observed_role(before[n], after1[n], before[n].flatten(1).shape[1] if before[n].dim() > 1 else 1)
                     for n in ref}
             results[name] = {"max_err": max(err, err1), "roles": seen, "expected_roles": roles, "error": None}
-        except Exception as exc:  # recorded, so one door's failure does not hide the others'
+        except Exception as exc:  # noqa: BLE001 -- recorded, so one door's failure does not hide the others'
             traceback.print_exc()
             results[name] = {"max_err": None, "roles": None, "expected_roles": roles,
                              "error": f"{type(exc).__name__}: {exc}"}

@@ -8,6 +8,7 @@ vectors (max error 0.148 here), refused by accident, and Accelerate's FSDP2 cras
 One spawn per world size and tier runs all its doors (tests/fsdp1_cases.py). Accelerate and
 Lightning Fabric run through test-only shims (fsdp1_cases: _CpuAccelerator, fabric): both allow FSDP
 only on accelerator devices."""
+import importlib.util
 import json
 
 import pytest
@@ -26,12 +27,10 @@ TOL = 1e-5
 DEFAULT = {2: ["fsdp1-orig0-after-param_groups", "fsdp1-orig1-after-param_groups",
                "accelerate-fsdp2-together-param_groups"],
            3: ["fsdp1-orig1-before-param_groups", "accelerate-fsdp1-orig0-documented"]}
-# Lightning is optional (not in the [all] extra): its doors leave the slow spawns when it is absent.
-try:
-    import lightning  # noqa: F401
-    _SKIP = ()
-except ImportError:
-    _SKIP = LIGHTNING
+# Lightning and litgpt are optional (litgpt pins huggingface-hub<1.4, which conflicts with
+# transformers, so neither is in the [all] extra): their doors leave the slow spawns when absent.
+_SKIP = () if importlib.util.find_spec("lightning") else LIGHTNING + ("litgpt-fsdp",)
+_SKIP += () if importlib.util.find_spec("litgpt") else ("litgpt-fsdp",)
 SLOW = {w: [d for d in DOORS if d not in DEFAULT[w] and d not in _SKIP] for w in DEFAULT}
 _RESULTS: dict = {}
 

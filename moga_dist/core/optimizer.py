@@ -15,7 +15,7 @@ import torch
 from .adopters import ADOPTERS
 from .backends import BACKENDS
 from .collectives import StatReducer
-from .dtensor import declare_dtensors, is_dtensor, local_view
+from .dtensor import declare_dtensors, declare_swapped_dtensors, local_view
 from .flat import FlatSegment
 from .hparams import check_hparams
 from .layout import ShardLayout
@@ -215,13 +215,7 @@ class MOGA(torch.optim.Optimizer):
         program build. A DTensor put into the groups after construction (Accelerate's FSDP2 swaps
         every parameter for one) gets its layout from its placements, and registered engine
         adopters (core/adopters.py: torch FSDP1) map their engine's tensors."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        swapped = [p for p in params if is_dtensor(p) and (id(p) not in self.tensors.known
-                                                            or (p.dim() >= 2 and id(p) not in self.tensors.layouts))]
-        if swapped:
-            declare_dtensors(self, swapped)
-            self.tensors.known.update(id(p) for p in swapped)
-            self.tensors.index_names(self.param_groups)
+        if declare_swapped_dtensors(self):
             self.invalidate()
         for adopt in ADOPTERS:
             adopt(self)

@@ -35,7 +35,6 @@ from torch import nn
 
 from ..core.adopters import is_fsdp1_flattened, register
 from ..core.flat import FlatSegment, partition_segments
-from ..core.layout import FlatPartition, ShardLayout
 from ..core.optimizer import MOGA
 from ..core.param_groups import HEAD_NAMES
 

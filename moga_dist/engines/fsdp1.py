@@ -185,6 +185,10 @@ def adopt(opt: MOGA) -> None:
     if _DONE.get(opt) == ids:
         return
     units, roots = _fsdp_units(_ATTACHED.get(opt))
+    wanted = {id(p) for p in flagged}
+    # Only the units that hold MOGA's tensors: other live FSDP models are none of its business.
+    units = [u for u in units if id(u._handle.flat_param) in wanted
+             or any(id(p) in wanted for p in (u._handle.flat_param._params or ()))]
     heads = _head_modules(roots)
     infos = [describe_handle(u._handle, heads) for u in units]
     by_flat = {id(i.flat_param): i for i in infos}

@@ -176,6 +176,20 @@ def declare_dtensors(optimizer, params) -> None:
         optimizer.save_layouts = False
 
 
+def declare_swapped_dtensors(optimizer) -> bool:
+    """Declare the DTensors put into `optimizer`'s groups after it was built (Accelerate's FSDP2
+    swaps every parameter for one): those it does not know, or matrices without a layout (an id
+    Python reused). Returns whether any was declared."""
+    tensors = optimizer.tensors
+    swapped = [p for g in optimizer.param_groups for p in g["params"] if is_dtensor(p)
+               and (id(p) not in tensors.known or (p.dim() >= 2 and id(p) not in tensors.layouts))]
+    if swapped:
+        declare_dtensors(optimizer, swapped)
+        tensors.known.update(id(p) for p in swapped)
+        tensors.index_names(optimizer.param_groups)
+    return bool(swapped)
+
+
 class LocalGradOwner:
     """Stands in for a DTensor parameter in the step program, which reads `owner.grad` each step:
     here the local gradient, first brought to the parameter's placements (a replicated norm

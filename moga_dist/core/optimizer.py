@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .adopters import ADOPTERS
 from .backends import BACKENDS
 from .collectives import StatReducer
-from .dtensor import declare_dtensors, local_view
+from .dtensor import declare_dtensors, declare_swapped_dtensors, local_view
 from .flat import FlatSegment
 from .hparams import check_hparams
 from .layout import ShardLayout
@@ -208,6 +209,16 @@ class MOGA(torch.optim.Optimizer):
         """Settings, layouts, tensors or state changed outside step(): rebuild the step program."""
         self._programs.clear()
         self.tensors.changed()
+
+    def refresh_tensors(self) -> None:
+        """Re-derive what MOGA knows about the tensors now in its groups; run before each step
+        program build. A DTensor put into the groups after construction (Accelerate's FSDP2 swaps
+        every parameter for one) gets its layout from its placements, and registered engine
+        adopters (core/adopters.py: torch FSDP1) map their engine's tensors."""
+        if declare_swapped_dtensors(self):
+            self.invalidate()
+        for adopt in ADOPTERS:
+            adopt(self)
 
     def layout_of(self, tensor: torch.Tensor) -> ShardLayout:
         """The tensor's declared layout (a whole tensor unless one was declared)."""

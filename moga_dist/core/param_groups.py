@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .adopters import is_fsdp1_flattened
 from .scaling import ROLES
 
 HEAD_NAMES = ("lm_head", "output_layer", "output")
@@ -56,7 +57,9 @@ def assign_roles(model: nn.Module, overrides: Mapping[str, str] | None = None,
                 role = "hidden"
             else:
                 role = "vector"
-        if role in ("hidden", "head") and param.ndim < 2:
+        # A tensor FSDP1 flattened is a 1-D view of a shard: its true shape is the FSDP1 adapter's to
+        # know (moga_dist.engines.fsdp1 maps it and gives a flattened matrix its matrix role).
+        if role in ("hidden", "head") and param.ndim < 2 and not is_fsdp1_flattened(param):
             raise ValueError(f"parameter {name!r} of shape {tuple(param.shape)} cannot take role {role!r}: "
                              "hidden and head need a weight with >= 2 dims; use 'vector' or 'embedding'")
         roles[name] = role

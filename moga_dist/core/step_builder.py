@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from . import functional as F
-from .dtensor import local_view, param_of, step_owner
+from .adopters import is_fsdp1_flattened
+from .dtensor import is_dtensor, local_view, param_of, step_owner
 from .layout import ShardLayout
 from .plan import Plan, build_plan
 from .program import StepProgram
@@ -77,6 +78,8 @@ class ProgramCache:
         sig = signature(opt)
         program = self.program
         if program is None or program.signature != sig:
+            # Tensors may have been swapped in since the last build (Accelerate, FSDP1 wrapping).
+            opt.refresh_tensors()
             program = self.build(opt)
             program.signature = signature(opt)      # momentum buffers may have just been created
             program.reduce_items = reduction_items(opt, program)
@@ -162,16 +165,27 @@ def units(opt):
 
 
 def refuse_foreign(tensors, options: Mapping, param: torch.Tensor) -> None:
-    """Refuse a 1-D tensor MOGA was not given: an engine that swapped the parameters for flat
-    partitions would otherwise get every matrix updated as a vector, a silent wrong update."""
+    """Refuse a 1-D tensor MOGA was not given, and any tensor torch FSDP1 flattened that no
+    adopter mapped: either would otherwise get its matrix updated as a vector, a silent wrong update."""
+    if is_fsdp1_flattened(param) and id(param) not in tensors.layouts:
+        raise ValueError(
+            f"{tensors.name_of(param)} (local shape {tuple(param.shape)}) is a flattened shard made by torch FSDP1 "
+            "(FullyShardedDataParallel) that moga_dist.engines.fsdp1 could not map back to its parameter; "
+            "updating it as a vector would be wrong. Call moga_dist.engines.fsdp1.attach(fsdp_model, optimizer), "
+            "or use FSDP2 (fully_shard), which MOGA maps exactly")
+    if is_dtensor(param) and id(param) not in tensors.layouts and param.dim() >= 2:
+        raise ValueError(f"{tensors.name_of(param)} is a DTensor that MOGA has no layout for "
+                         "(swapped in after the last step program was built); call optimizer.refresh_tensors()")
     if id(param) in tensors.known or param.dim() >= 2 or options.get("role") in ("vector", "embedding") \
             or id(param) in tensors.layouts:
         return
     raise ValueError(
         f"MOGA was handed a 1-D tensor of {param.numel()} elements it was not constructed with "
-        f"(role {options.get('role')!r}): an engine replaced the parameters with flat partitions. "
-        "Hand MOGA to deepspeed.initialize (moga_dist maps ZeRO's partitions), or use "
-        "moga_dist.engines.megatron.get_megatron_optimizer(...) for Megatron's distributed optimizer.")
+        f"(role {options.get('role')!r}), a plain tensor that is neither a DTensor nor an FSDP1 shard: "
+        "something replaced the parameters in MOGA's groups after it was built, and a 1-D tensor may be a "
+        "flat partition of a matrix. If it is a genuine vector, give its group role='vector'. DeepSpeed ZeRO: "
+        "hand MOGA to deepspeed.initialize (moga_dist maps its partitions); Megatron's distributed optimizer: "
+        "moga_dist.engines.megatron.get_megatron_optimizer(...).")
 
 
 def signature(opt) -> tuple:

@@ -127,3 +127,135 @@ def hf_trainer_ddp(rank, world):
     err = max_rel_error(trainer.model, hf_reference(tokens, STEPS, MICRO * world))
     report(rank, "HF Trainer, own DDP", err)
     assert err <= 1e-5, ("HF Trainer DDP vs MOGA(param_groups(model))", err)
+
+
+# ----- torchtitan --------------------------------------------------------------------------------
+TT_VOCAB, TT_SEQ, TT_STEPS = 37, 8, 3
+SPMD_BACKEND = "partial_dtensor"   # DTensor on the model-parallel axes, FSDP2 for DP (0.3.0's spmd_types default needs its trainer's model set-up)
+
+
+def torchtitan_cpu_shims():
+    """What torchtitan 0.3.0 lacks on CPU, patched in the test only: its device type defaults to
+    "cuda" (the device mesh), and FlexAttention has no CPU backward; with one document per row,
+    its block mask is plain causal attention, which SDPA computes."""
+    import torchtitan.distributed.parallel_dims as pd
+    import torchtitan.tools.utils as tu
+    from torchtitan.models.common.attention import FlexAttention
+
+    tu.device_type = pd.device_type = "cpu"
+
+    def causal(self, q, k, v, *, attention_masks=None, scale=None, enable_gqa=False, **kwargs):
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                               is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        return out.transpose(1, 2)
+
+    FlexAttention.forward = causal
+
+
+def tiny_titan():
+    """torchtitan's own Llama3Model (its debugmodel recipe, narrower): fused QKV, SwiGLU,
+    RMSNorm, an nn.Embedding subclass and lm_head."""
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.llama3 import (_EMBEDDING_INIT, _NORM_INIT, Llama3Model, _build_llama3_layers,
+                                          _output_linear_init)
+
+    dim, heads = 16, 2
+    torch.manual_seed(0)
+    return Llama3Model.Config(
+        dim=dim, vocab_size=TT_VOCAB,
+        tok_embeddings=Embedding.Config(num_embeddings=TT_VOCAB, embedding_dim=dim, param_init=_EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=TT_VOCAB, param_init=_output_linear_init(dim)),
+        layers=_build_llama3_layers(fuse_qkv=True, n_layers=2, dim=dim, n_heads=heads, hidden_dim=24,
+                                    rope=ComplexRoPE.Config(dim=dim // heads, max_seq_len=64, theta=10000.0),
+                                    attn_backend="flex")).build()
+
+
+def titan_batches(global_batch):
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, TT_VOCAB, (global_batch, TT_SEQ + 1), generator=gen) for _ in range(TT_STEPS)]
+
+
+def titan_step(model, opt, tokens, world=1):
+    """One step as torchtitan's trainer takes it: FSDP sums gradients over ranks (torchtitan turns
+    its division off) and the loss is summed over tokens and divided by the global token count."""
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    pos = torch.arange(x.shape[1]).repeat(x.shape[0], 1)
+    opt.zero_grad()
+    logits = model(x, pos, None)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, TT_VOCAB).float(), y.reshape(-1), reduction="sum")
+    (loss / (y.numel() * world)).backward()
+    opt.step()
+
+
+def titan_reference(data):
+    ref = tiny_titan()
+    opt = MOGA(param_groups(ref), **HP)
+    for tokens in data:
+        titan_step(ref, opt, tokens)
+    return ref
+
+
+def titan_parallel(world, tp=1):
+    """torchtitan's parallelize_llama: FSDP2 over the ranks TP does not take."""
+    from torchtitan.config.configs import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.models.llama3 import parallelize_llama
+
+    model = tiny_titan()
+    parallelism = ParallelismConfig(spmd_backend=SPMD_BACKEND, data_parallel_shard_degree=world // tp,
+                                    tensor_parallel_degree=tp)
+    dims = ParallelDims.from_config(parallelism, world)
+    dims.build_mesh()
+    parallelize_llama(model, parallel_dims=dims, training=TrainingConfig(mixed_precision_param="float32"), parallelism=parallelism,
+                      compile_config=CompileConfig(), ac_config=None, dump_folder="/tmp")
+    # gloo has no PREMUL_SUM (torchtitan sets a divide factor of 1): the same sum, as two ops
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def torchtitan_fsdp2(rank, world, tmp):
+    """MOGAOptimizersContainer (one import, a catch-all group) on torchtitan's model after its own
+    parallelize_llama (FSDP2): roles from the model, equal single-process MOGA within 1e-5; its
+    CheckpointManager saves after step 2 and a fresh process state resumes step 3 identically."""
+    from torchtitan.components.checkpointer.dcp import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer
+
+    from moga_dist.engines.torchtitan import moga_optimizer
+
+    torchtitan_cpu_shims()
+    data = titan_batches(2 * world)
+    mine = [t[rank * 2:(rank + 1) * 2] for t in data]
+
+    def build():
+        model = titan_parallel(world)
+        opt = moga_optimizer(**HP).build(model_parts=[model])
+        sched = LRSchedulersContainer(opt, lambda step: 1.0)
+        ckpt = CheckpointManager.Config(enable=True, folder="ckpt", interval=1).build(
+            dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=sched, states={}, sd_adapter=None,
+            base_folder=tmp)
+        return model, opt, ckpt
+
+    model, opt, ckpt = build()
+    probe = RoleProbe(opt.optimizers[0], model)
+    for k, tokens in enumerate(mine):
+        titan_step(model, opt, tokens, world)
+        if k == TT_STEPS - 2:
+            ckpt.save(curr_step=k + 1, last_step=False)
+    probe.check("torchtitan FSDP2")
+    err = max_rel_error(model, titan_reference(data))
+    report(rank, f"torchtitan container, parallelize_llama FSDP2 x{world}", err)
+    assert err <= 1e-5, ("torchtitan FSDP2 vs MOGA(param_groups(model))", err)
+
+    resumed, opt2, ckpt2 = build()
+    assert ckpt2.load(step=TT_STEPS - 1)
+    titan_step(resumed, opt2, mine[-1], world)
+    err = max_rel_error(resumed, model)
+    report(rank, "torchtitan CheckpointManager resume (step 3 after loading step 2)", err)
+    assert err <= 1e-6, ("torchtitan resume", err)
+    ckpt.close()
+    ckpt2.close()

@@ -1,24 +1,95 @@
 """Front doors that build MOGA from parameters without roles give it the model's roles: the Hugging
-Face Trainer without DeepSpeed (2 gloo ranks, its own DDP), litgpt's instantiate_torch_optimizer,
-Lightning's configure_optimizers with self.parameters(), torchtitan's OptimizersContainer; each
-equals single-process MOGA(param_groups(model)) within 1e-5 and every parameter's update shows
-the role param_groups assigns. Where no model owns the matrices, MOGA warns once."""
+Face Trainer without DeepSpeed (2 gloo ranks, its own DDP), torchtitan's OptimizersContainer on its
+own model after parallelize_llama (FSDP2, 2 ranks, CheckpointManager resume), litgpt's
+instantiate_torch_optimizer and Lightning's configure_optimizers with self.parameters(); each
+equals single-process MOGA(param_groups(model)) within 1e-5 and every parameter's update shows the
+role param_groups assigns (frontdoors_cases.RoleProbe). Where no model owns the matrices, MOGA
+warns once, naming them."""
+import tempfile
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import frontdoors_cases as cases
 from dist_utils import spawn
 from moga_dist import MOGA, MissingRolesWarning, param_groups, take_roles
 
 
-def world2(rank, world):
+def world2(rank, world, tmp):
     cases.hf_trainer_ddp(rank, world)
+    cases.torchtitan_fsdp2(rank, world, tmp)
 
 
 @pytest.mark.distributed
 def test_front_doors_at_two_ranks():
-    pytest.importorskip("transformers")
-    pytest.importorskip("deepspeed")
-    spawn(2, world2)
+    for name in ("transformers", "deepspeed", "torchtitan"):
+        pytest.importorskip(name)
+    spawn(2, world2, tempfile.mkdtemp())
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.proj = nn.Embedding(11, 6), nn.Linear(6, 7), nn.Linear(7, 11, bias=False)
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.fc(self.embed(x))))
+
+
+def _train(model, opt, steps=3):
+    x = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def test_bare_parameters_take_the_roles_of_their_model():
+    """MOGA(model.parameters()) on a model whose head is named by the caller only is the one
+    case the model cannot tell: take_roles(opt, model, head=...) fixes it; without the head the
+    update equals param_groups(model) (no head) exactly."""
+    torch.manual_seed(0)
+    ref = Net()
+    opt = MOGA(param_groups(ref, head="proj"), **cases.HP)
+    _train(ref, opt)
+    torch.manual_seed(0)
+    model = Net()
+    opt = MOGA(model.parameters(), **cases.HP)
+    assert take_roles(opt, model, head="proj") == {"embed.weight": "embedding", "fc.weight": "hidden",
+                                                   "fc.bias": "vector", "proj.weight": "head"}
+    probe = cases.RoleProbe(opt, model)
+    _train(model, opt)
+    assert cases.max_rel_error(model, ref) == 0.0
+    assert probe.roles()["proj.weight"] == "head" and probe.roles()["embed.weight"] == "embedding"
+
+
+def test_found_model_gives_the_roles_without_a_call():
+    torch.manual_seed(0)
+    ref = Net()
+    _train(ref, MOGA(param_groups(ref), **cases.HP))
+    torch.manual_seed(0)
+    model = Net()
+    wrapper = nn.ModuleDict({"module": model})      # a DDP-like wrapper is looked through
+    opt = MOGA(wrapper.parameters(), **cases.HP)
+    probe = cases.RoleProbe(opt, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingRolesWarning)
+        _train(model, opt)
+    probe.check("bare parameters of a found model")
+    assert probe.roles()["embed.weight"] == "embedding"      # hidden on the old code
+    assert cases.max_rel_error(model, ref) == 0.0
+
+
+def test_group_roles_are_kept_and_orphans_warned_once():
+    model = Net()
+    orphan = nn.Parameter(torch.randn(5, 4))
+    opt = MOGA([{"params": [model.embed.weight], "param_names": ["embed.weight"], "role": "hidden"},
+                {"params": [orphan], "param_names": ["orphan"]},
+                {"params": list(model.fc.parameters()), "param_names": ["fc.weight", "fc.bias"]}])
+    orphan.grad = torch.randn(5, 4)
+    with pytest.warns(MissingRolesWarning, match=r"1 matrices .*'orphan' of shape \(5, 4\).*take_roles") as rec:
+        _train(model, opt, steps=2)
+    assert len([w for w in rec if w.category is MissingRolesWarning]) == 1
+    assert "role" not in opt.tensors.options.get(id(model.embed.weight), {})   # its group said hidden

@@ -259,3 +259,79 @@ def torchtitan_fsdp2(rank, world, tmp):
     assert err <= 1e-6, ("torchtitan resume", err)
     ckpt.close()
     ckpt2.close()
+
+
+# ----- litgpt and Lightning (one process) --------------------------------------------------------
+def tiny_litgpt():
+    from litgpt import GPT, Config
+
+    # bias=False: the key part of a QKV bias has an exactly zero gradient (softmax ignores it), so
+    # its sign update follows rounding noise and differs between any two summation orders
+    torch.manual_seed(0)
+    return GPT(Config(block_size=16, vocab_size=TT_VOCAB, padded_vocab_size=TT_VOCAB, n_layer=1, n_head=2, n_embd=16,
+                      intermediate_size=24, bias=False))
+
+
+def lm_loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, TT_VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def reference_run(model, data):
+    opt = MOGA(param_groups(model), **HP)
+    for tokens in data:
+        opt.zero_grad()
+        lm_loss(model, tokens).backward()
+        opt.step()
+    return model
+
+
+def litgpt_recipe(data):
+    """litgpt pretrain/finetune's optimizer path: Fabric wraps the model, then
+    instantiate_torch_optimizer(--optimizer, model.parameters(), fused=...), then
+    fabric.setup_optimizers; the --optimizer value is what docs/lightning.md shows."""
+    import lightning as L
+    from litgpt.utils import instantiate_torch_optimizer
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = fabric.setup(tiny_litgpt())
+    optimizer = {"class_path": "moga_dist.MOGA", "init_args": dict(HP)}        # --optimizer
+    moga = instantiate_torch_optimizer(optimizer, model.parameters(), fused=False)
+    probe = RoleProbe(moga, model.module)
+    optimizer = fabric.setup_optimizers(moga)
+    for tokens in data:
+        optimizer.zero_grad()
+        fabric.backward(lm_loss(model, tokens))
+        optimizer.step()
+    probe.check("litgpt instantiate_torch_optimizer")
+    return model.module
+
+
+def lightning_recipe(data, **trainer_kwargs):
+    """A LightningModule whose configure_optimizers returns MOGA(self.parameters())."""
+    import lightning as L
+
+    class LitLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_litgpt()
+
+        def training_step(self, batch, _):
+            return lm_loss(self.model, batch)
+
+        def configure_optimizers(self):
+            return MOGA(self.parameters(), **HP)
+
+    lit = LitLM()
+    probes = []
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            probes.append(RoleProbe(trainer.optimizers[0], pl_module.model))
+
+    loader = torch.utils.data.DataLoader(torch.cat(data), batch_size=data[0].shape[0], shuffle=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Probe()], **trainer_kwargs)
+    trainer.fit(lit, loader)
+    probes[0].check("Lightning configure_optimizers(self.parameters())")
+    return lit.model

@@ -93,3 +93,20 @@ def test_group_roles_are_kept_and_orphans_warned_once():
         _train(model, opt, steps=2)
     assert len([w for w in rec if w.category is MissingRolesWarning]) == 1
     assert "role" not in opt.tensors.options.get(id(model.embed.weight), {})   # its group said hidden
+
+
+@pytest.mark.parametrize("door", ["litgpt", "lightning"])
+def test_litgpt_and_lightning_single_process(door):
+    """litgpt's --optimizer path (instantiate_torch_optimizer with model.parameters()) and a
+    LightningModule returning MOGA(self.parameters()): the model's roles, equal to
+    MOGA(param_groups(model)). (litgpt is not in the [all] extra: it pins huggingface-hub < 1.4.)"""
+    pytest.importorskip("lightning")
+    pytest.importorskip("litgpt")        # both use litgpt's GPT
+    data = cases.titan_batches(4)
+    ref = cases.reference_run(cases.tiny_litgpt(), data)
+    name, run = {"litgpt": ("litgpt instantiate_torch_optimizer, 1 process", cases.litgpt_recipe),
+                 "lightning": ("Lightning configure_optimizers(self.parameters()), 1 process",
+                               cases.lightning_recipe)}[door]
+    err = cases.max_rel_error(run(data), ref)
+    print(f"front door: {name}: max relative error {err:.2e}")
+    assert err <= 1e-5, (name, err)

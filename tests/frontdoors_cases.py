@@ -10,7 +10,7 @@ import torch
 
 from moga_dist import MOGA, assign_roles, param_groups
 
-HP = dict(lr=0.02, momentum=0.9, weight_decay=0.1, hidden_mult=5.0)
+HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.1, "hidden_mult": 5.0}
 TOL = 1e-4
 
 
@@ -105,7 +105,13 @@ def hf_trainer_ddp(rank, world):
     weight-decay / no-decay groups; the update must equal the DeepSpeed run's (single-process
     MOGA(param_groups(model)), which test_deepspeed_recipes checks the DeepSpeed run against)."""
     from deepspeed_cases import STEPS, batches
-    from deepspeed_recipes_cases import MICRO, _shared_tmp, recipe, tiny_llama, trainer_args
+    from deepspeed_recipes_cases import (
+        MICRO,
+        _shared_tmp,
+        recipe,
+        tiny_llama,
+        trainer_args,
+    )
     from transformers import TrainerCallback
 
     tokens = torch.cat(batches(MICRO * world, STEPS))
@@ -156,8 +162,13 @@ def tiny_titan():
     """torchtitan's own Llama3Model (its debugmodel recipe, narrower): fused QKV, SwiGLU,
     RMSNorm, an nn.Embedding subclass and lm_head."""
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
-    from torchtitan.models.llama3 import (_EMBEDDING_INIT, _NORM_INIT, Llama3Model, _build_llama3_layers,
-                                          _output_linear_init)
+    from torchtitan.models.llama3 import (
+        _EMBEDDING_INIT,
+        _NORM_INIT,
+        Llama3Model,
+        _build_llama3_layers,
+        _output_linear_init,
+    )
 
     dim, heads = 16, 2
     torch.manual_seed(0)
@@ -198,7 +209,11 @@ def titan_reference(data):
 
 def titan_parallel(world, tp=1):
     """torchtitan's parallelize_llama: FSDP2 over the ranks TP does not take."""
-    from torchtitan.config.configs import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.config.configs import (
+        CompileConfig,
+        ParallelismConfig,
+        TrainingConfig,
+    )
     from torchtitan.distributed import ParallelDims
     from torchtitan.models.llama3 import parallelize_llama
 

@@ -8,12 +8,12 @@ warns once, naming them."""
 import tempfile
 import warnings
 
+import frontdoors_cases as cases
 import pytest
 import torch
+from dist_utils import spawn
 from torch import nn
 
-import frontdoors_cases as cases
-from dist_utils import spawn
 from moga_dist import MOGA, MissingRolesWarning, param_groups, take_roles
 
 
@@ -110,3 +110,26 @@ def test_litgpt_and_lightning_single_process(door):
     err = cases.max_rel_error(run(data), ref)
     print(f"front door: {name}: max relative error {err:.2e}")
     assert err <= 1e-5, (name, err)
+
+
+def test_torchtitan_docs_recipe_builds_a_moga_config():
+    """docs/recipes/torchtitan_config.py (quoted verbatim in docs/torchtitan.md) puts the MOGA
+    container into torchtitan's debug-model config; torchtitan's own container refuses the name
+    (why the container exists)."""
+    pytest.importorskip("torchtitan")
+    import re
+    from pathlib import Path
+
+    from deepspeed_recipes_cases import recipe
+    from torchtitan.components.optimizer import OptimizersContainer
+
+    from moga_dist.engines.torchtitan import MOGAOptimizersContainer
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    code = (docs / "recipes" / "torchtitan_config.py").read_text()
+    assert code[re.search(r"^(import|from) ", code, re.MULTILINE).start():].strip() in (docs / "torchtitan.md").read_text()
+    config = recipe("torchtitan_config").llama3_debugmodel_moga()
+    assert isinstance(config.optimizer, MOGAOptimizersContainer.Config)
+    assert config.optimizer.param_groups[0].optimizer_name == "MOGA"
+    with pytest.raises(NotImplementedError, match="MOGA"):
+        OptimizersContainer._resolve_optimizer_factory("MOGA")

@@ -350,3 +350,61 @@ def lightning_recipe(data, **trainer_kwargs):
     trainer.fit(lit, loader)
     probes[0].check("Lightning configure_optimizers(self.parameters())")
     return lit.model
+
+
+def lightning_deepspeed(rank, world, stage=2):
+    """Lightning's DeepSpeedStrategy with configure_optimizers returning MOGA(self.parameters()),
+    2 gloo ranks. Test-only shims: Lightning refuses any accelerator but CUDA in
+    DeepSpeedStrategy.setup_environment and checks device indices (None on CPU) against local
+    ranks in setup_distributed, and hands DeepSpeed root_device.index as its device rank (None on
+    CPU); the subclass below skips those two checks and names CPU device 0."""
+    import deepspeed
+    import lightning as L
+    from deepspeed_cases import assert_moga_ran
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    import moga_dist.engines.deepspeed as mds
+
+    mds.skip_shm_comm_build()
+
+    class CPUDeepSpeed(DeepSpeedStrategy):
+        def setup_environment(self):
+            DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self):        # without the check that CPU devices have CUDA indices
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @property
+        def root_device(self):              # DeepSpeed reads its index as device_rank (None on CPU)
+            return torch.device("cpu", 0)
+
+    class LitLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_litgpt()
+
+        def training_step(self, batch, _):
+            return lm_loss(self.model, batch)
+
+        def configure_optimizers(self):
+            return MOGA(self.parameters(), **HP)
+
+    data = titan_batches(2 * world)
+    mine = torch.cat([t[rank * 2:(rank + 1) * 2] for t in data])
+    lit = LitLM()
+    loader = torch.utils.data.DataLoader(mine, batch_size=2, shuffle=False)
+    strategy = CPUDeepSpeed(stage=stage, process_group_backend="gloo")
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=len(data), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    trainer.fit(lit, loader)
+    moga = trainer.strategy.model.basic_optimizer
+    assert isinstance(moga, MOGA), type(moga)
+    if stage < 3:                           # ZeRO-3's MOGA holds its sub-group partitions instead
+        assert_moga_ran(moga, len(data))
+    params = list(lit.model.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        err = max_rel_error(lit.model, reference_run(tiny_litgpt(), data))
+    report(rank, f"Lightning DeepSpeedStrategy ZeRO-{stage}, configure_optimizers(self.parameters())", err)
+    assert err <= 1e-5, ("Lightning DeepSpeedStrategy", err)

@@ -29,6 +29,17 @@ def test_front_doors_at_two_ranks():
     spawn(2, world2, tempfile.mkdtemp())
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lightning_deepspeed_strategy(stage):
+    """Lightning's DeepSpeedStrategy (its CUDA-only checks bypassed in the test) with
+    configure_optimizers returning MOGA(self.parameters()): exact at ZeRO-2 and ZeRO-3."""
+    for name in ("lightning", "litgpt", "deepspeed"):
+        pytest.importorskip(name)
+    spawn(2, cases.lightning_deepspeed, stage)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -8,6 +8,7 @@ train/, bench/, sweep/  recipes: the training job, benchmarks and width-transfer
 from .core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
 from .core.optimizer import MOGA, NonFiniteGradientError
 from .core.param_groups import assign_roles, param_groups
+from .core.roles import MissingRolesWarning, take_roles
 from .engines.deepspeed import install as _install_deepspeed
 from .engines.fsdp1 import install as _install_fsdp1
 
@@ -18,5 +19,5 @@ _install_deepspeed()
 _install_fsdp1()
 
 __version__ = "0.1.0"
-__all__ = ["MOGA", "NonFiniteGradientError", "param_groups", "assign_roles", "ShardLayout",
+__all__ = ["MOGA", "NonFiniteGradientError", "param_groups", "assign_roles", "take_roles", "MissingRolesWarning", "ShardLayout",
            "TensorParallelSplit", "FlatPartition", "RowBlocks", "__version__"]

@@ -21,6 +21,7 @@ from .hparams import check_hparams
 from .layout import ShardLayout
 from .plan import build_plan
 from .program import StepProgram
+from .roles import resolve_missing_roles
 from .step_builder import ProgramCache
 from .tensors import FlatBuffer, Ghost, TensorRegistry, role_of
 
@@ -283,6 +284,7 @@ class MOGA(torch.optim.Optimizer):
                 loss = closure()
         if self._suspended:
             return loss
+        resolve_missing_roles(self)     # role-less matrices: the model's roles, or one warning
         program = self._programs.get(self)
         if not program.pieces and not self.tensors.ghosts and not self.reducer.stage:
             return loss

@@ -91,8 +91,10 @@ def describe(moga: MOGA, model: torch.nn.Module) -> dict[int, ParamSpec]:
         given = group.get("param_names") or [None] * len(group["params"])
         for param, given_name in zip(group["params"], given):
             name = given_name or names.get(id(param)) or f"param{len(specs)}"
-            role = options.get("role") or roles.get(names.get(id(param)))
-            specs[id(param)] = ParamSpec(name, moga.layout_of(param), {**options, "role": role})
+            # settings declared for this tensor (moga_dist.take_roles declares roles) win over its group's
+            mine = {**options, **moga.tensors.options.get(id(param), {})}
+            role = mine.get("role") or roles.get(names.get(id(param)))
+            specs[id(param)] = ParamSpec(name, moga.layout_of(param), {**mine, "role": role})
     return specs
 
 

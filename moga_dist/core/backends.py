@@ -77,6 +77,16 @@ def kind_of(piece: F.Piece) -> str:
     return "rows_local" if piece.one_pass else f"{piece.plan.axis}s"
 
 
+def overwrites_every_slot(piece: F.Piece, stored_kinds: tuple[str, ...]) -> bool:
+    """Whether phase A of a backend whose kernels *store* (not add) the statistics of the kinds in
+    `stored_kinds` rewrites every statistic slot of `piece`, so its arena needs no zeroing. The
+    CPU and Triton batches both decide needs_zero with it (only their stored kinds differ)."""
+    kind = kind_of(piece)
+    if kind not in stored_kinds:
+        return False
+    return piece.plan is None or piece.plan.each_slot_once()
+
+
 class TorchBatches:
     """The plain loop: functional.phase_a / phase_b per piece."""
 

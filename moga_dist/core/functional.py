@@ -58,8 +58,13 @@ def stats_size(piece: Piece) -> int:
     return 1 if piece.plan is None else piece.plan.num_stats
 
 
+def stats_dtype(piece: Piece) -> torch.dtype:
+    """The dtype of the piece's statistics: its momentum's (float64 pieces keep float64 math), else fp32."""
+    return torch.float64 if piece.momentum.dtype == torch.float64 else torch.float32
+
+
 def phase_a(piece: Piece, stats: torch.Tensor) -> None:
-    """Update the momentum in place and write fp32 partial sums into the zeroed `stats`
+    """Update the momentum in place and write partial sums (stats_dtype) into the zeroed `stats`
     [stats_size(piece)] (sign roles: the ℓ1 norm of the direction, to detect non-finite grads)."""
     m, g = flat_view(piece.momentum), flat_view(piece.grad)
     w = 1.0 - piece.beta

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import functional as F
-from ..core.backends import kind_of
+from ..core.backends import kind_of, overwrites_every_slot
 
 _STATE: dict = {}
 
@@ -75,16 +75,6 @@ def ops():
     return _STATE["ops"]
 
 
-def _writes_every_slot(piece) -> bool:
-    """Whether phase A overwrites (not accumulates into) every statistic slot of the piece, so the
-    arena needs no zeroing between steps."""
-    if piece.plan is None:
-        return True
-    if piece.plan.axis != "row":
-        return False
-    return sum(run.nrows for run in piece.plan.runs) == piece.plan.num_stats
-
-
 @dataclass
 class _Call:
     """One batched kernel call: kind in {sign, rows_local, rows, cols}; per run its piece index,
@@ -112,7 +102,8 @@ class CpuBatches:
 
     def __init__(self, pieces: list, offsets: list[int]):
         self.pieces, self.offsets = pieces, offsets
-        self.needs_zero = not all(_writes_every_slot(pc) for pc in pieces)
+        # sign_ab and the row kernels store their sums; the column kernels add into them.
+        self.needs_zero = not all(overwrites_every_slot(pc, ("sign", "rows_local", "rows")) for pc in pieces)
         self.calls_a: dict[tuple, _Call] = {}
         self.calls_b: dict[tuple, _Call] = {}
         for k, (pc, off) in enumerate(zip(pieces, offsets)):

@@ -14,7 +14,7 @@ import torch
 import triton.language as tl
 
 from ..core import functional as F
-from ..core.backends import kind_of
+from ..core.backends import kind_of, overwrites_every_slot
 from . import triton as K
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
@@ -64,7 +64,8 @@ class TritonBatches:
                 slot = off + (run.stat_start if run is not None else 0)
                 group.runs.append((k, run, pc.scale_of(run), F.run_view(pc.param, run),
                                    F.run_view(pc.momentum, run), slot))
-        self.needs_zero = any(g.kind in ("cols", "sign") for g in self.groups.values())
+        # The row kernels store each row's sum; the column and sign kernels add atomically.
+        self.needs_zero = not all(overwrites_every_slot(pc, ("rows_local", "rows")) for pc in pieces)
         self.no_flag = torch.zeros(1, dtype=torch.float32, device=self.device)
         for g in self.groups.values():
             self._static_tables(g)

@@ -1,0 +1,145 @@
+"""The layout fuzzer: hypothesis draws sharded layouts (shapes incl. 1-row, 1-column, odd and
+empty; roles; row/col norm; fused row blocks; TP splits along dim 0/1, strided; flat partitions
+with random cut points, so ranks hold nothing, only vectors, only ghosts or only row pieces;
+TP x flat; worlds 2-4), a dtype (fp32, bf16, float64), a backend (torch, cpu, triton through
+its interpreter), a lr schedule and a NaN gradient in one step, and checks every rank against
+float64 MOGA on the gathered tensors (moga_dist.layout_fuzz).
+
+One pool of 4 gloo ranks serves the module (fuzz_pool.py). The default run draws a fixed
+(derandomized) set of DEFAULT_EXAMPLES; `-m slow` draws SLOW_EXAMPLES fresh ones. A failure that
+hypothesis shrinks goes into layout_fuzz.REGRESSIONS, which runs by default too.
+MOGA_FUZZ_REPORT=<file> writes the example count and max error per backend and dtype there;
+MOGA_FUZZ_SURVEY=<file> records every example's outcome there instead of failing (how many
+examples it takes to meet a bug: the draws are the same as the failing run's up to its first failure).
+"""
+import json
+import os
+from collections import defaultdict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fuzz_pool import Pool
+from moga_dist.core.layout import RowBlocks
+from moga_dist.layout_fuzz import REGRESSIONS, Case, ParamSpec, check, tp_local_numel
+
+DEFAULT_EXAMPLES = int(os.environ.get("MOGA_FUZZ_EXAMPLES", "40"))
+SLOW_EXAMPLES = 400
+MAX_WORLD = 4
+_STATS: dict = defaultdict(lambda: [0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    holder = {}
+
+    def get() -> Pool:
+        if "pool" not in holder or not holder["pool"].alive:
+            holder["pool"] = Pool(MAX_WORLD)
+        return holder["pool"]
+    yield get
+    if "pool" in holder:
+        holder["pool"].close()
+    report = os.environ.get("MOGA_FUZZ_REPORT")
+    if report:
+        with open(report, "w") as fh:
+            json.dump({k: {"examples": n, "max_err": e} for k, (n, e) in sorted(_STATS.items())}, fh, indent=1)
+
+
+def run(pool, case: Case) -> None:
+    survey = os.environ.get("MOGA_FUZZ_SURVEY")
+    if survey:
+        try:
+            outcome = f"ok {check(case, pool().run(case)):.3g}"
+        except AssertionError as exc:
+            outcome = "FAIL " + str(exc).strip().splitlines()[-1][:300]
+        with open(survey, "a") as fh:
+            fh.write(f"{outcome}\t{case}\n")
+        return
+    err = check(case, pool().run(case))
+    stat = _STATS[f"{case.backend}/{case.dtype}"]
+    stat[0] += 1
+    stat[1] = max(stat[1], err)
+
+
+@st.composite
+def param_spec(draw, tp: int) -> ParamSpec:
+    role = draw(st.sampled_from(["hidden", "hidden", "hidden", "head", "embedding", "vector"]))
+    dims = st.integers(1, 5)
+    if role == "vector":
+        split = tp > 1 and draw(st.booleans())
+        n = draw(dims) * (tp if split else 1)
+        return ParamSpec((n,), role, 0 if split else None)
+    tp_dim = draw(st.sampled_from([None, 0, 1] if role == "hidden" else [None, 0])) if tp > 1 else None
+    if tp_dim is None and draw(st.integers(0, 9)) == 0:        # empty: a zero extent
+        return ParamSpec(draw(st.sampled_from([(0, 3), (4, 0), (0, 0)])), role)
+    stride, blocks = 1, None
+    d_in = draw(st.sampled_from([1, 2, 3, 5, 7, 9])) * (tp if tp_dim == 1 else 1)
+    kind = draw(st.sampled_from(["plain", "plain", "fused", "qkv"])) if role == "hidden" else "plain"
+    if kind == "fused":             # gate|up style: with TP along rows, equal parts and stride
+        parts = draw(st.integers(2, 3))
+        if tp_dim == 0:
+            size = draw(dims) * tp
+            stride, blocks = parts, RowBlocks.fused(*[size] * parts)
+        else:
+            blocks = RowBlocks.fused(*[draw(dims) for _ in range(parts)])
+        d_out = blocks.period
+    elif kind == "qkv":
+        groups = draw(st.integers(1, 2)) * (tp if tp_dim == 0 else 1)
+        blocks = RowBlocks.qkv(groups, draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        d_out = blocks.period * blocks.repeats
+    else:
+        d_out = draw(st.sampled_from([1, 2, 3, 4, 6, 7])) * (tp if tp_dim == 0 else 1)
+    return ParamSpec((d_out, d_in), role, tp_dim, stride, blocks)
+
+
+@st.composite
+def cases(draw) -> Case:
+    world = draw(st.integers(2, MAX_WORLD))
+    tp = draw(st.sampled_from([t for t in range(1, world + 1) if world % t == 0]))
+    dp = world // tp
+    params = tuple(draw(st.lists(param_spec(tp), min_size=1, max_size=4)))
+    total = sum(tp_local_numel(s, tp) for s in params)
+    bounds, mode = None, "params"
+    if dp > 1 and (tp == 1 or draw(st.integers(0, 4)) > 0):
+        cuts = sorted(draw(st.lists(st.integers(0, total), min_size=dp - 1, max_size=dp - 1)))
+        bounds = (0, *cuts, total)
+        mode = draw(st.sampled_from(["params", "megatron", "zero"]))
+    steps = draw(st.integers(2, 4))
+    lrs = tuple(draw(st.sampled_from([0.005, 0.01, 0.02, 0.05])) for _ in range(steps))
+    nan = None
+    sized = [i for i, s in enumerate(params) if 0 not in s.shape]
+    if sized and draw(st.booleans()):
+        i = draw(st.sampled_from(sized))
+        n = 1
+        for s in params[i].shape:
+            n *= s
+        nan = (draw(st.integers(0, steps - 1)), i, draw(st.integers(0, n - 1)))
+    return Case(tp, dp, params, bounds, mode, draw(st.sampled_from(["row", "col"])),
+                draw(st.sampled_from(["float32", "float32", "bfloat16", "float64"])),
+                draw(st.sampled_from(["torch", "cpu", "triton", "triton"])), lrs, nan, draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", REGRESSIONS, ids=[f"regression{i}" for i in range(len(REGRESSIONS))])
+def test_regressions(pool, case):
+    """Layouts the fuzzer (or an issue) found wrong once, each a fixed case."""
+    run(pool, case)
+
+
+@pytest.mark.distributed
+@settings(max_examples=DEFAULT_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_fuzz_layouts(pool, case):
+    run(pool, case)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@settings(max_examples=SLOW_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_fuzz_layouts_many(pool, case):
+    run(pool, case)

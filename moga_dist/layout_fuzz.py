@@ -248,3 +248,42 @@ REGRESSIONS: tuple[Case, ...] = (
     # float64 pieces had fp32 statistics (~1e-8 from float64).
     Case(1, 3, (ParamSpec((7, 5)), ParamSpec((4,), "vector")), (0, 12, 30, 39), dtype="float64", nan=(1, 0, 3)),
 )
+
+
+def _regression_rank(rank: int, world: int, cases: list[Case], device: str, results) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    grids = {}
+    for tp in sorted({c.tp for c in cases}):
+        mine = {}
+        for key, lists in zip(("tp", "dp"), groups_of(world, tp)):
+            for ranks in lists:
+                # A bounded timeout: a hang fails the check instead of blocking it.
+                g = dist.new_group(ranks, timeout=datetime.timedelta(seconds=60)) if len(ranks) > 1 else None
+                if rank in ranks and g is not None:
+                    mine[key] = g
+        grids[tp] = mine
+    for k, case in enumerate(cases):
+        results[k, rank] = run_rank(rank, case, grids[case.tp], device)
+
+
+def run_regressions(device: str = "cuda", cases: tuple[Case, ...] = REGRESSIONS) -> float:
+    """Run `cases` on gloo ranks (one spawn per world size) with the tensors on `device`, check
+    each against the float64 reference; returns the max error, raises AssertionError on the first
+    wrong case. What `python -m moga_dist.bench gpu` runs on CUDA (a test runs it on CPU)."""
+    import torch.multiprocessing as mp
+
+    from .testing import spawn
+
+    worst = 0.0
+    for world in sorted({c.world for c in cases}):
+        batch = [c for c in cases if c.world == world]
+        results = mp.Manager().dict()
+        spawn(world, _regression_rank, batch, device, results)
+        for k, case in enumerate(batch):
+            err = check(case, [results[k, r] for r in range(world)])
+            print(f"layouts: {case.backend} {case.dtype} world={world} mode={case.mode} max_rel_err={err:.2e}")
+            worst = max(worst, err)
+    return worst

@@ -26,15 +26,16 @@ def _serve(rank: int, world: int, port: int, inbox, outbox) -> None:
     from moga_dist.layout_fuzz import groups_of, run_rank
 
     torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=GLOO_TIMEOUT_S)       # new_group's default would be 30 min
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+                            timeout=timeout)
     grids = {}
     for sub in range(2, world + 1):         # cases of a smaller world run on ranks 0 .. sub-1
         for tp in (t for t in range(1, sub + 1) if sub % t == 0):
             mine = {}                       # every rank creates every group, in the same order
             for key, lists in zip(("tp", "dp"), groups_of(sub, tp)):
                 for ranks in lists:
-                    g = dist.new_group(ranks) if len(ranks) > 1 else None
+                    g = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
                     if rank in ranks and g is not None:
                         mine[key] = g
             grids[sub, tp] = mine

@@ -49,8 +49,11 @@ class MOGA(torch.optim.Optimizer):
             vector (default: hidden for 2-D and higher global shapes, normalized as
             [d_out, prod(rest)], i.e. flatten(1); vector otherwise). Any hyper-parameter below
             may be overridden per group. ``param_names`` (list of str) improves error messages.
-        lr (float): learning rate η. momentum (float, 0.95): β. weight_decay (float, 0.1):
-            decoupled, applied with the unscaled lr to hidden, embedding and head weights.
+        lr (float or 0-dim Tensor): learning rate η; a Tensor is read every step (a CUDA one
+            costs a host read per step, so such a step is not CUDA-graph capturable).
+            momentum (float, 0.95): β. weight_decay (float, 0.1): decoupled, applied with the
+            unscaled lr to hidden, embedding and head weights; lr * weight_decay must stay < 1
+            (checked every step: a refused step's undo divides by 1 - lr * weight_decay).
         norm ("row" | "col"): normalize rows (over d_in) or columns (over d_out) of hidden weights.
         p (float, 2.0), q (float, 2.0): row ℓp geometry / column ℓq geometry.
         hidden_mult (20.0), embedding_mult, head_mult, vector_mult (1.0): per-role multipliers.

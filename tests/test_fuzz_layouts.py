@@ -29,7 +29,7 @@ DEFAULT_EXAMPLES = int(os.environ.get("MOGA_FUZZ_EXAMPLES", "25"))
 SLOW_EXAMPLES = 300
 MAX_WORLD = 4
 BACKENDS = ("torch", "cpu", "triton")
-_STATS: dict = defaultdict(lambda: [0, 0.0])
+_STATS: dict = defaultdict(lambda: [0, 0.0, 0.0])      # examples, max error, max error beyond 2 ulps
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +46,25 @@ def pool():
     report = os.environ.get("MOGA_FUZZ_REPORT")
     if report:
         with open(report, "w") as fh:
-            json.dump({k: {"examples": n, "max_err": e} for k, (n, e) in sorted(_STATS.items())}, fh, indent=1)
+            json.dump({k: {"examples": n, "max_err": e, "max_err_beyond_2ulp": b} for k, (n, e, b) in sorted(_STATS.items())},
+                      fh, indent=1)
 
 
 def run(pool, case: Case) -> None:
     survey = os.environ.get("MOGA_FUZZ_SURVEY")
     if survey:
         try:
-            outcome = f"ok {check(case, pool().run(case)):.3g}"
+            outcome = f"ok {check(case, pool().run(case))[0]:.3g}"
         except AssertionError as exc:
             outcome = "FAIL " + str(exc).strip().splitlines()[-1][:300]
         with open(survey, "a") as fh:
             fh.write(f"{outcome}\t{case}\n")
         return
-    err = check(case, pool().run(case))
+    raw, beyond = check(case, pool().run(case))
     stat = _STATS[f"{case.backend}/{case.dtype}"]
     stat[0] += 1
-    stat[1] = max(stat[1], err)
+    stat[1] = max(stat[1], raw)
+    stat[2] = max(stat[2], beyond)
 
 
 def run_every_backend(pool, case: Case) -> None:
@@ -137,7 +139,7 @@ def cases(draw) -> Case:
             n *= s
         nan = (draw(st.integers(0, steps - 1)), i, draw(st.integers(0, n - 1)))
     norm = "row" if scenario == "rows" else draw(st.sampled_from(["row", "col"]))
-    return Case(tp, dp, params, bounds, mode, norm, draw(st.sampled_from(["float32", "float32", "bfloat16", "float64"])),
+    return Case(tp, dp, params, bounds, mode, norm, draw(st.sampled_from(["float32", "bfloat16", "float64", "float32"])),
                 "torch", lrs, nan, draw(st.integers(0, 2 ** 16)))
 
 
@@ -171,4 +173,5 @@ def test_bench_gpu_layout_check_runs_on_cpu():
     CPU (one spawn per world size), so the first GPU run does not meet it untried."""
     from moga_dist.layout_fuzz import run_regressions
 
-    assert run_regressions("cpu") <= 1e-4
+    small = Case(1, 2, (ParamSpec((3, 4)), ParamSpec((5,), "vector")), (0, 5, 17), mode="megatron", backend="triton")
+    assert run_regressions("cpu", (small,)) <= 1e-4          # two ranks: the path, not the list (above)

@@ -45,7 +45,10 @@ def _serve(rank: int, world: int, port: int, inbox, outbox) -> None:
         if case is None:
             break
         outbox.put((rank, run_rank(rank, case, grids[case.world, case.tp])))
-    dist.destroy_process_group()
+    # No destroy_process_group: its teardown waits on peers; the pool's end is the process's.
+    outbox.close()
+    outbox.join_thread()
+    os._exit(0)
 
 
 class Pool:

@@ -305,8 +305,8 @@ class MOGA(torch.optim.Optimizer):
             return None
 
         def reduce(flag: torch.Tensor) -> None:
-            if program.ghost_stats is not None:
-                program.ghost_stats.zero_()
+            for stats in program.ghost_stats:
+                stats.zero_()
             self.reducer.reduce(program.reduce_items, flag)
         return reduce
 

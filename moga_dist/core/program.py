@@ -46,7 +46,7 @@ class StepProgram:
         self.rates: list = []
         self.states: list[dict] = []
         self.reduce_items: list | None = None
-        self.ghost_stats: torch.Tensor | None = None
+        self.ghost_stats: tuple[torch.Tensor, ...] = ()
         self.device = self.pieces[0].momentum.device if self.pieces else (device or torch.device("cpu"))
         # One arena per statistics dtype: fp32, and float64 for float64 pieces (their math stays
         # float64; only the torch loop accepts them). stats[k]: piece k's view of its arena.
@@ -58,7 +58,6 @@ class StepProgram:
             used[dt] = offsets[-1] + n
         self.arenas = {dt: torch.zeros(n, dtype=dt, device=self.device) for dt, n in used.items()} \
             or {torch.float32: torch.zeros(0, device=self.device)}
-        self.arena = self.arenas.get(torch.float32)
         self.stats = [self.arenas[dt][off:off + n] for dt, off, n in zip(dtypes, offsets, sizes)]
         chosen: dict[tuple, list[int]] = {}
         for k, pc in enumerate(self.pieces):
@@ -74,7 +73,7 @@ class StepProgram:
 
     def stats_total(self) -> torch.Tensor:
         """Σ of every statistic (finite iff each is: they are sums of |u|^r >= 0), as a 0-dim tensor."""
-        totals = [a.sum(dtype=torch.float64) if a.dtype == torch.float64 else a.sum() for a in self.arenas.values()]
+        totals = [a.sum() for a in self.arenas.values()]
         return totals[0] if len(totals) == 1 else torch.stack([t.double() for t in totals]).sum()
 
     def bind(self) -> None:

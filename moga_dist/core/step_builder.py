@@ -206,12 +206,15 @@ def reduction_items(opt, program: StepProgram) -> list:
              if pc.plan is not None]
     ghosts = tensors.ghosts
     if ghosts:
-        sizes = [g.plan.num_stats for g in ghosts]
-        # float64 zeros where the ghost's parameter is float64, so every rank packs one dtype.
-        program.ghost_stats = torch.zeros(sum(sizes), dtype=torch.float64, device=program.device)
-        views = [v if g.dtype == torch.float64 else v.view(torch.float32)[:v.numel()]
-                 for g, v in zip(ghosts, program.ghost_stats.split(sizes))]
-        items += [((g.order_key, -1), g.plan, v) for g, v in zip(ghosts, views)]
+        # Zeros of the ghost parameter's statistics dtype, so every rank packs the same buffer.
+        stores = {dt: torch.zeros(sum(g.plan.num_stats for g in ghosts if g.dtype == dt), dtype=dt,
+                                  device=program.device) for dt in {g.dtype for g in ghosts}}
+        used = dict.fromkeys(stores, 0)
+        for g in ghosts:
+            n = g.plan.num_stats
+            items.append(((g.order_key, -1), g.plan, stores[g.dtype][used[g.dtype]:used[g.dtype] + n]))
+            used[g.dtype] += n
+        program.ghost_stats = tuple(stores.values())
     if tensors.order:
         items.sort(key=lambda item: item[0])
     if not any(plan.group_slots for _, plan, _ in items):

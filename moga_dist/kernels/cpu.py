@@ -10,6 +10,7 @@ instructions they lack.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ _STATE: dict = {}
 def cpu_key(cpuinfo: str | None = None) -> str:
     """12 hex digits naming this CPU for a -march=native build: the machine type plus the model and
     feature lines of the first processor in /proc/cpuinfo (`cpuinfo` overrides the file's text)."""
-    import hashlib
     import platform
 
     if cpuinfo is None:
@@ -58,8 +58,12 @@ def ops():
         from torch.utils import cpp_extension
 
         src = Path(__file__).with_name("moga_kernels.cpp")
+        # Also keyed by the source's path: torch rebuilds an entry in place when its build file
+        # changes, and two installs sharing a home (worktrees, venvs) would rebuild each other's
+        # library under processes that have it mapped (seen: a gloo rank crashing mid-test).
+        where = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]
         cpp_extension.load(
-            name=f"moga_dist_kernels_{cpu_key()}",
+            name=f"moga_dist_kernels_{cpu_key()}_{where}",
             sources=[str(src)],
             # -fopenmp: at::parallel_for is an inline OpenMP region; without it the kernels run serially.
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],

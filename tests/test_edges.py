@@ -62,7 +62,7 @@ def test_complex_parameters_are_refused_on_every_path(make):
 
 
 def test_a_refused_add_param_group_leaves_the_groups_as_they_were():
-    opt = MOGA([torch.nn.Parameter(torch.zeros(2))])
+    opt = MOGA([("v", torch.nn.Parameter(torch.zeros(2)))])
     with pytest.raises(ValueError, match="'w' of a group is complex"):
         opt.add_param_group({"params": [("w", _complex())]})
     assert len(opt.param_groups) == 1
@@ -93,7 +93,7 @@ def test_a_tensor_lr_is_accepted_and_read_every_step():
     grads = [[torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)] for _ in range(3)]
     init = [torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)]
     runs = []
-    for lr in (torch.tensor(0.02), 0.02):
+    for lr in (torch.tensor(0.02, dtype=torch.float64), 0.02):      # float64: the same value as the float
         params = [torch.nn.Parameter(x.clone()) for x in init]
         opt = MOGA(params, lr=lr)
         for k, step in enumerate(grads):

@@ -20,7 +20,7 @@ import torch
 from .core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit, clip_ranges
 from .core.reference import reference_step
 
-HP = dict(momentum=0.9, weight_decay=0.1)
+HP = {"momentum": 0.9, "weight_decay": 0.1}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Max |got - want| / Σ_steps max |step| per dtype, after subtracting 2 ulps of the weights' dtype
 # (the reference rounds to the parameter dtype each step, as the optimizer does).

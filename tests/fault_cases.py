@@ -80,7 +80,7 @@ SCENARIOS = {
     "flip_model": [], "flip_optim": [], "deleted_latest": [], "bad_latest": [], "missing_latest": [],
     "deleted_model_file": [], "malformed_meta": [], "pickle_payload": [], "all_damaged": [],
     "lr_inf": ["optimizer.moga.lr=inf", "training.steps=9", "checkpoint.keep=2"],
-    "lr_1e6": ["optimizer.moga.lr=1e6", "training.steps=9", "checkpoint.keep=2"],
+    "lr_1e6": ["optimizer.moga.lr=1e6", "optimizer.moga.weight_decay=0.0", "training.steps=9", "checkpoint.keep=2"],
 }
 
 

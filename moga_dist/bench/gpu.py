@@ -4,8 +4,10 @@
 (b) a step of MOGA (Triton), fused AdamW and torch's Muon on the same 7B-layer parameters, the
     kernel launches per step, and the achieved bytes/s against the device's copy bandwidth;
 (c) the two-phase distributed step, 2 ranks sharing the GPU (gloo on CUDA tensors), vs 1 rank;
-(d) a sync-free step captured in a CUDA graph and replayed, vs eager.
-Last line: `gpu: moga/adamw_fused=<x> launches_per_step=<n> bandwidth_frac=<f> max_err=<e> graph=<ok|fail>`.
+(d) a sync-free step captured in a CUDA graph and replayed, vs eager;
+(e) the layout fuzzer's regression list (moga_dist.layout_fuzz.REGRESSIONS) on CUDA tensors, vs float64.
+The last line sums up: `gpu: moga/adamw_fused=<x> launches_per_step=<n> bandwidth_frac=<f> max_err=<e>
+layouts_err=<e> graph=<ok|fail>` (one line).
 """
 from __future__ import annotations
 
@@ -173,13 +175,16 @@ def main(argv=None) -> None:
     max_err = check_exactness(shapes, device)
     ratio, launches, frac = timing(shapes, device)
     dist_err = distributed_check(device)
+    from moga_dist.layout_fuzz import run_regressions
+
+    layout_err = run_regressions("cuda")
     try:
         graph = "ok" if graph_check(shapes, device) else "fail"
     except RuntimeError as exc:
         print(f"graph: capture failed: {exc}")
         graph = "fail"
     print(f"gpu: moga/adamw_fused={ratio:.3f} launches_per_step={launches} bandwidth_frac={frac:.2f} "
-          f"max_err={max(max_err, dist_err):.2e} graph={graph}")
+          f"max_err={max(max_err, dist_err):.2e} layouts_err={layout_err:.2e} graph={graph}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ class StatReducer:
     def _all_reduce(self, key: str, views: list[torch.Tensor], flag: torch.Tensor) -> None:
         import torch.distributed as dist
 
-        buf = torch.cat([*views, flag.to(torch.float32)])
+        # float64 statistics (float64 pieces) make the whole buffer float64: one all-reduce still,
+        # and every rank packs the same dtype since a parameter has one dtype on every rank.
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in views) else torch.float32
+        buf = torch.cat([*(v.to(dtype) for v in views), flag.to(dtype)])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_groups[key])
         self.counter.calls[key] += 1
         self.counter.payload_bytes[key] += (buf.numel() - 1) * buf.element_size()

@@ -51,6 +51,16 @@ class Piece:
         return self.scales[run.block if run is not None and len(self.scales) > 1 else 0]
 
 
+def overwrites_every_slot(piece: Piece, stored_kinds: tuple[str, ...]) -> bool:
+    """Whether phase A of a backend whose kernels *store* (not add) the statistics of the kinds in
+    `stored_kinds` rewrites every statistic slot of `piece`, so its arena needs no zeroing. The
+    CPU and Triton batches both decide needs_zero with it (only their stored kinds differ)."""
+    kind = piece.kind
+    if kind not in stored_kinds:
+        return False
+    return piece.plan is None or piece.plan.each_slot_once()
+
+
 def flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
@@ -65,8 +75,13 @@ def stats_size(piece: Piece) -> int:
     return 1 if piece.plan is None else piece.plan.num_stats
 
 
+def stats_dtype(piece: Piece) -> torch.dtype:
+    """The dtype of the piece's statistics: its momentum's (float64 pieces keep float64 math), else fp32."""
+    return torch.float64 if piece.momentum.dtype == torch.float64 else torch.float32
+
+
 def phase_a(piece: Piece, stats: torch.Tensor) -> None:
-    """Update the momentum in place and write fp32 partial sums into the zeroed `stats`
+    """Update the momentum in place and write partial sums (stats_dtype) into the zeroed `stats`
     [stats_size(piece)] (sign roles: the ℓ1 norm of the direction, to detect non-finite grads)."""
     m, g = flat_view(piece.momentum), flat_view(piece.grad)
     w = 1.0 - piece.beta

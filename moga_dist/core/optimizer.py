@@ -51,8 +51,11 @@ class MOGA(torch.optim.Optimizer):
             vector (default: hidden for 2-D and higher global shapes, normalized as
             [d_out, prod(rest)], i.e. flatten(1); vector otherwise). Any hyper-parameter below
             may be overridden per group. ``param_names`` (list of str) improves error messages.
-        lr (float): learning rate η. momentum (float, 0.95): β. weight_decay (float, 0.1):
-            decoupled, applied with the unscaled lr to hidden, embedding and head weights.
+        lr (float or 0-dim Tensor): learning rate η; a Tensor is read every step (a CUDA one
+            costs a host read per step, so such a step is not CUDA-graph capturable).
+            momentum (float, 0.95): β. weight_decay (float, 0.1): decoupled, applied with the
+            unscaled lr to hidden, embedding and head weights; lr * weight_decay must stay < 1
+            (checked every step: a refused step's undo divides by 1 - lr * weight_decay).
         norm ("row" | "col"): normalize rows (over d_in) or columns (over d_out) of hidden weights.
         p (float, 2.0), q (float, 2.0): row ℓp geometry / column ℓq geometry.
         hidden_mult (20.0), embedding_mult, head_mult, vector_mult (1.0): per-role multipliers.
@@ -110,13 +113,13 @@ class MOGA(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         """torch.optim's add_param_group, remembering which tensors MOGA was given; complex
         tensors are refused (a row norm of complex numbers is another algorithm)."""
-        params = param_group["params"] if isinstance(param_group, Mapping) else param_group
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for i, t in enumerate(params):
-            if isinstance(t, torch.Tensor) and t.is_complex():
-                raise ValueError(f"parameter {i} of a group is complex ({t.dtype}): MOGA supports real floating "
-                                 "tensors only; view it as real (torch.view_as_real) or use another optimizer")
         super().add_param_group(param_group)
+        # Checked after torch unpacked the group, so named parameters ("w", t) are seen too.
+        try:
+            _refuse_complex(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
         if not hasattr(self, "tensors"):        # Optimizer.__init__ adds the first groups
             self.tensors = TensorRegistry()
         self.tensors.known.update(id(p) for p in self.param_groups[-1]["params"])
@@ -175,17 +178,21 @@ class MOGA(torch.optim.Optimizer):
     def declare_ghosts(self, ghosts: list[tuple]) -> None:
         """(order_key, ShardLayout, options) of parameters this rank holds nothing of but whose
         statistics other ranks share (Megatron's distributed optimizer drops them from a rank's
-        groups); they contribute zeros so every rank packs the same all-reduce buffer."""
+        groups); they contribute zeros so every rank packs the same all-reduce buffer, and their
+        process groups join every step's all-reduce. options["dtype"] = torch.float64 for a
+        float64 parameter (its statistics are float64 on the ranks that hold it)."""
         self.tensors.ghosts = []
         for key, layout, options in ghosts:
             if layout.local_numel != 0:
                 raise ValueError(f"ghost {key!r} must hold nothing locally, its layout holds {layout.local_numel}")
+            # A rank may share a group only through ghosts: it must join every step's all-reduce.
+            self._check_groups(layout)
             role = role_of(options, layout)
             if role in ("hidden", "head"):
                 axis = {**self.defaults, **options}["norm"] if role == "hidden" else "row"
                 plan = build_plan(layout, axis)
                 if plan.group_slots:
-                    self.tensors.ghosts.append(Ghost(key, plan))
+                    self.tensors.ghosts.append(Ghost(key, plan, options.get("dtype", torch.float32)))
         self.invalidate()
 
     def replace_param_groups(self, groups: list[dict]) -> None:
@@ -196,6 +203,7 @@ class MOGA(torch.optim.Optimizer):
                 group.setdefault(key, value)
             check_hparams(group, f"MOGA param group {i}")
             group["params"] = list(group["params"])
+            _refuse_complex(group)
         self.param_groups = groups
         self.tensors.known.update(id(p) for g in groups for p in g["params"])
         self.tensors.index_names(groups)
@@ -310,8 +318,8 @@ class MOGA(torch.optim.Optimizer):
             return None
 
         def reduce(flag: torch.Tensor) -> None:
-            if program.ghost_stats is not None:
-                program.ghost_stats.zero_()
+            for stats in program.ghost_stats:
+                stats.zero_()
             self.reducer.reduce(program.reduce_items, flag)
         return reduce
 
@@ -400,6 +408,15 @@ class MOGA(torch.optim.Optimizer):
 def momentum_dtype(tensor: torch.Tensor) -> torch.dtype:
     """fp32 momentum for fp32 and lower precision; float64 tensors keep float64 throughout."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _refuse_complex(group: Mapping) -> None:
+    """Raise for a complex tensor in `group` (a row norm of complex numbers is another algorithm)."""
+    for i, t in enumerate(group["params"]):
+        if isinstance(t, torch.Tensor) and t.is_complex():
+            name = group["param_names"][i] if "param_names" in group else i
+            raise ValueError(f"parameter {name!r} of a group is complex ({t.dtype}): MOGA supports real floating "
+                             "tensors only; view it as real (torch.view_as_real) or use another optimizer")
 
 
 def _plain(obj):

@@ -42,6 +42,17 @@ class Plan:
     group_slots: dict[str, list[Interval]] = field(default_factory=dict)
     group_stage: dict[str, int] = field(default_factory=dict)  # 0: flat (DP) sums first, 1: TP
 
+    def each_slot_once(self) -> bool:
+        """Whether the runs meet every statistic slot exactly once (a row slot per run row, a
+        column slot per run column). A kernel that *stores* each run line's sum then leaves no
+        slot holding last step's value, so the arena needs no zeroing; a flat-partitioned piece
+        that holds some rows only does not qualify (its other slots keep the last all-reduce)."""
+        counts = [0] * self.num_stats
+        for run in self.runs:
+            for i in range(run.stat_start, run.stat_start + (run.nrows if self.axis == "row" else run.ncols)):
+                counts[i] += 1
+        return all(c == 1 for c in counts)
+
 
 def _intervals(sorted_indices: list[int]) -> list[Interval]:
     out: list[list[int]] = []

@@ -31,7 +31,8 @@ class Verdict:
 class StepProgram:
     """The planned step for `owned` = [(owner tensor, span or None, Piece)] (gradients unbound).
 
-    arena: fp32 [Σ stats_size] on the pieces' device; stats[k]: piece k's view of it; backend:
+    arenas: {dtype: [Σ stats_size]} on the pieces' device (fp32; float64 for float64 pieces);
+    stats[k]: piece k's view of its arena; backend:
     "auto" | "torch" | "cpu" | "triton" (see backends)."""
 
     def __init__(self, owned: list[tuple[torch.Tensor, tuple | None, F.Piece]], backend: str = "auto",
@@ -45,23 +46,35 @@ class StepProgram:
         self.rates: list = []
         self.states: list[dict] = []
         self.reduce_items: list | None = None
-        self.ghost_stats: torch.Tensor | None = None
-        sizes = [F.stats_size(pc) for pc in self.pieces]
-        offsets = [0]
-        for n in sizes[:-1]:
-            offsets.append(offsets[-1] + n)
+        self.ghost_stats: tuple[torch.Tensor, ...] = ()
         self.device = self.pieces[0].momentum.device if self.pieces else (device or torch.device("cpu"))
-        self.arena = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
-        self.stats = list(self.arena.split(sizes))
-        chosen: dict[str, list[int]] = {}
+        # One arena per statistics dtype: fp32, and float64 for float64 pieces (their math stays
+        # float64; only the torch loop accepts them). stats[k]: piece k's view of its arena.
+        sizes = [F.stats_size(pc) for pc in self.pieces]
+        dtypes = [F.stats_dtype(pc) for pc in self.pieces]
+        offsets, used = [], {}
+        for n, dt in zip(sizes, dtypes):
+            offsets.append(used.get(dt, 0))
+            used[dt] = offsets[-1] + n
+        self.arenas = {dt: torch.zeros(n, dtype=dt, device=self.device) for dt, n in used.items()} \
+            or {torch.float32: torch.zeros(0, device=self.device)}
+        self.stats = [self.arenas[dt][off:off + n] for dt, off, n in zip(dtypes, offsets, sizes)]
+        chosen: dict[tuple, list[int]] = {}
         for k, pc in enumerate(self.pieces):
             name = backends.choose(backend, pc)
             pc.one_pass = backends.one_pass(name, pc)
-            chosen.setdefault(name, []).append(k)
-        self.backend_of = {k: name for name, ks in chosen.items() for k in ks}
-        self.batches = [backends.make_batches(name, [self.pieces[k] for k in ks], [offsets[k] for k in ks])
-                        for name, ks in chosen.items()]
-        self.needs_zero = any(b.needs_zero for b in self.batches)
+            chosen.setdefault((name, dtypes[k]), []).append(k)
+        self.backend_of = {k: name for (name, _), ks in chosen.items() for k in ks}
+        # (batches, their arena) pairs; a batches object sees only its own dtype's arena.
+        self.batches_on = [(backends.make_batches(name, [self.pieces[k] for k in ks], [offsets[k] for k in ks]),
+                            self.arenas[dt]) for (name, dt), ks in chosen.items()]
+        self.batches = [b for b, _ in self.batches_on]
+        self.zero_arenas = list({id(a): a for b, a in self.batches_on if b.needs_zero}.values())
+
+    def stats_total(self) -> torch.Tensor:
+        """Σ of every statistic (finite iff each is: they are sums of |u|^r >= 0), as a 0-dim tensor."""
+        totals = [a.sum() for a in self.arenas.values()]
+        return totals[0] if len(totals) == 1 else torch.stack([t.double() for t in totals]).sum()
 
     def bind(self) -> None:
         """Point every piece and batch at this step's gradients and lr/decay (set on the pieces)."""
@@ -81,22 +94,22 @@ class StepProgram:
 
     def phase_a(self) -> None:
         """Momentum and partial statistics for every piece; one-pass pieces are also updated."""
-        if self.needs_zero:
-            self.arena.zero_()
-        for b in self.batches:
-            b.phase_a(self.arena)
+        for arena in self.zero_arenas:
+            arena.zero_()
+        for b, arena in self.batches_on:
+            b.phase_a(arena)
 
     def phase_b(self, refused: torch.Tensor | None = None) -> None:
         """The update of every piece not already updated in phase A, from the summed statistics;
         with `refused` (sync-free), a no-op where it is set."""
-        for b in self.batches:
-            _gated(b, refused, lambda: b.phase_b(self.arena, refused), skip_when_refused=True)
+        for b, arena in self.batches_on:
+            _gated(b, refused, lambda: b.phase_b(arena, refused), skip_when_refused=True)
 
     def undo(self, refused: torch.Tensor | None = None) -> None:
         """Restore parameters and momentum of a refused step (to rounding); with `refused`
         (sync-free), a no-op where it is not set."""
-        for b in self.batches:
-            _gated(b, refused, lambda: b.undo(self.arena, refused), skip_when_refused=False)
+        for b, arena in self.batches_on:
+            _gated(b, refused, lambda: b.undo(arena, refused), skip_when_refused=False)
 
     def run(self, reduce: Callable[[torch.Tensor], None] | None, sync_free: bool = False) -> Verdict:
         """One step: phase A, the non-finite verdict (reduced with the statistics by `reduce`,
@@ -107,16 +120,16 @@ class StepProgram:
         finite partial sums can still overflow, so the reduced total is checked too."""
         self.phase_a()
         if reduce is None and not sync_free:        # one rank, the common CPU case: one host read
-            if math.isfinite(float(self.arena.sum())):
+            if math.isfinite(float(self.stats_total())):
                 self.phase_b()
                 return Verdict(False)
             self.undo()
             return Verdict(True)
-        bad = ~torch.isfinite(self.arena.sum()).view(1)
+        bad = ~torch.isfinite(self.stats_total()).view(1)
         flag = bad.float()
         if reduce is not None:
             reduce(flag)
-            bad = (flag > 0) | ~torch.isfinite(self.arena.sum()).view(1)
+            bad = (flag > 0) | ~torch.isfinite(self.stats_total()).view(1)
         if sync_free:
             refused = bad.float()
             self.undo(refused)

@@ -15,6 +15,7 @@ import torch
 from . import functional as F
 from .adopters import is_fsdp1_flattened
 from .dtensor import is_dtensor, local_view, param_of, step_owner
+from .hparams import check_decay, lr_value
 from .layout import ShardLayout
 from .plan import Plan, build_plan
 from .program import StepProgram
@@ -85,13 +86,16 @@ class ProgramCache:
             program.reduce_items = reduction_items(opt, program)
             self.program = program
         for piece, rate in zip(program.pieces, program.rates):
+            group_lr = lr_value(rate.group["lr"])
             if rate.flat_lr is None:
-                lr = rate.override.get("lr", rate.group["lr"])
+                lr = lr_value(rate.override.get("lr", group_lr))
             else:
                 seg_lr, base_lr = rate.flat_lr
-                lr = seg_lr * rate.group["lr"] / base_lr if base_lr else rate.group["lr"]
+                lr = seg_lr * group_lr / base_lr if base_lr else group_lr
             piece.lr = lr
             wd = rate.override.get("weight_decay", rate.group["weight_decay"])
+            if rate.decayed:
+                check_decay(lr, wd, piece.name or "MOGA")       # before any tensor is written
             piece.decay = 1.0 - lr * wd if rate.decayed else 1.0
         program.bind()
         return program
@@ -216,9 +220,15 @@ def reduction_items(opt, program: StepProgram) -> list:
              if pc.plan is not None]
     ghosts = tensors.ghosts
     if ghosts:
-        sizes = [g.plan.num_stats for g in ghosts]
-        program.ghost_stats = torch.zeros(sum(sizes), device=program.device)
-        items += [((g.order_key, -1), g.plan, v) for g, v in zip(ghosts, program.ghost_stats.split(sizes))]
+        # Zeros of the ghost parameter's statistics dtype, so every rank packs the same buffer.
+        stores = {dt: torch.zeros(sum(g.plan.num_stats for g in ghosts if g.dtype == dt), dtype=dt,
+                                  device=program.device) for dt in {g.dtype for g in ghosts}}
+        used = dict.fromkeys(stores, 0)
+        for g in ghosts:
+            n = g.plan.num_stats
+            items.append(((g.order_key, -1), g.plan, stores[g.dtype][used[g.dtype]:used[g.dtype] + n]))
+            used[g.dtype] += n
+        program.ghost_stats = tuple(stores.values())
     if tensors.order:
         items.sort(key=lambda item: item[0])
     if not any(plan.group_slots for _, plan, _ in items):

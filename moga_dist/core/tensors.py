@@ -33,6 +33,7 @@ class Ghost:
 
     order_key: object
     plan: Plan
+    dtype: torch.dtype = torch.float32      # float64 when the parameter is float64 (its statistics are)
 
 
 @dataclass

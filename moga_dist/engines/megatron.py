@@ -169,7 +169,8 @@ def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -
                 meta = info[id(model)]
                 if meta.key in held:
                     continue
-                flat = FlatPartition(_flat_ranges(buffer, model), buffer.data_parallel_group.rank())
+                dp_group = buffer.data_parallel_group      # a rank may hold a bucket only through ghosts
+                flat = FlatPartition(_flat_ranges(buffer, model), dp_group.rank())
                 ghosts.append((meta.key, dataclasses.replace(meta.layout, flat=flat), {"role": meta.role, **settings}))
     process_groups = {"tp": tp_group}
     if dp_group is not None:

@@ -10,6 +10,7 @@ instructions they lack.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ _STATE: dict = {}
 def cpu_key(cpuinfo: str | None = None) -> str:
     """12 hex digits naming this CPU for a -march=native build: the machine type plus the model and
     feature lines of the first processor in /proc/cpuinfo (`cpuinfo` overrides the file's text)."""
-    import hashlib
     import platform
 
     if cpuinfo is None:
@@ -57,8 +57,12 @@ def ops():
         from torch.utils import cpp_extension
 
         src = Path(__file__).with_name("moga_kernels.cpp")
+        # Also keyed by the source's path: torch rebuilds an entry in place when its build file
+        # changes, and two installs sharing a home (worktrees, venvs) would rebuild each other's
+        # library under processes that have it mapped (seen: a gloo rank crashing mid-test).
+        where = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]
         cpp_extension.load(
-            name=f"moga_dist_kernels_{cpu_key()}",
+            name=f"moga_dist_kernels_{cpu_key()}_{where}",
             sources=[str(src)],
             # -fopenmp: at::parallel_for is an inline OpenMP region; without it the kernels run serially.
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
@@ -72,16 +76,6 @@ def ops():
         warnings.warn(f"moga_dist: fused CPU kernels unavailable ({type(exc).__name__}: {exc}); "
                       "using the pure-torch path", RuntimeWarning, stacklevel=2)
     return _STATE["ops"]
-
-
-def _writes_every_slot(piece) -> bool:
-    """Whether phase A overwrites (not accumulates into) every statistic slot of the piece, so the
-    arena needs no zeroing between steps."""
-    if piece.plan is None:
-        return True
-    if piece.plan.axis != "row":
-        return False
-    return sum(run.nrows for run in piece.plan.runs) == piece.plan.num_stats
 
 
 @dataclass
@@ -111,7 +105,8 @@ class CpuBatches:
 
     def __init__(self, pieces: list, offsets: list[int]):
         self.pieces, self.offsets = pieces, offsets
-        self.needs_zero = not all(_writes_every_slot(pc) for pc in pieces)
+        # sign_ab and the row kernels store their sums; the column kernels add into them.
+        self.needs_zero = not all(F.overwrites_every_slot(pc, ("sign", "rows_local", "rows")) for pc in pieces)
         self.calls_a: dict[tuple, _Call] = {}
         self.calls_b: dict[tuple, _Call] = {}
         for k, (pc, off) in enumerate(zip(pieces, offsets)):

@@ -63,7 +63,8 @@ class TritonBatches:
                 slot = off + (run.stat_start if run is not None else 0)
                 group.runs.append((k, run, pc.scale_of(run), F.run_view(pc.param, run),
                                    F.run_view(pc.momentum, run), slot))
-        self.needs_zero = any(g.kind in ("cols", "sign") for g in self.groups.values())
+        # The row kernels store each row's sum; the column and sign kernels add atomically.
+        self.needs_zero = not all(F.overwrites_every_slot(pc, ("rows_local", "rows")) for pc in pieces)
         self.no_flag = torch.zeros(1, dtype=torch.float32, device=self.device)
         for g in self.groups.values():
             self._static_tables(g)

@@ -126,19 +126,20 @@ def documents(path: Path, opts: PrepareOptions, counts: Counts) -> Iterator[tupl
             raw = fh.read()
             yield _decode(raw, counts), len(raw)
         else:
+            # A line's or paragraph's closing newline separates documents: not part of the text.
             block: list[bytes] = []
             for raw in fh:
                 if opts.text_docs == "line":
-                    yield _decode(raw, counts), len(raw)
+                    yield _decode(raw.rstrip(b"\r\n"), counts), len(raw)
                 elif raw.strip():
                     block.append(raw)
                 elif block:
                     joined = b"".join(block)
                     block = []
-                    yield _decode(joined, counts), len(joined) + len(raw)
+                    yield _decode(joined.rstrip(b"\r\n"), counts), len(joined) + len(raw)
             if block:
                 joined = b"".join(block)
-                yield _decode(joined, counts), len(joined)
+                yield _decode(joined.rstrip(b"\r\n"), counts), len(joined)
 
 
 def _short(exc: Exception) -> str:

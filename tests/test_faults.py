@@ -151,8 +151,10 @@ def _one_line_error(proc, needle):
     (["--config", "no/such.toml"], "no/such.toml"),
     (["--set", "training.steps=abc"], "training.steps='abc'"),
     (["--set", 'optimizer.moga.momentum="0.95"'], "optimizer.moga.momentum='0.95'"),
-    (["--set", "data.corpus='no/such/corpus.txt'"], "no/such/corpus.txt"),
-], ids=["missing-config", "steps-abc", "momentum-string", "missing-corpus"])
+    (["--set", "data.paths=['no/such/prefix']"], "no/such/prefix.idx is missing"),
+    (["--set", "data.tokenizer='no/such/tokenizer.model'"], "tokenizer 'no/such/tokenizer.model': no such file"),
+    (["--set", "data.weights=[1.0, 1.0]"], "data.weights has 2 entries but data.paths has 1"),
+], ids=["missing-config", "steps-abc", "momentum-string", "missing-dataset", "missing-tokenizer", "weights-length"])
 def test_bad_input_is_one_line_exit_2_before_the_engine_starts(args, needle, tmp_path, monkeypatch, capsys):
     from moga_dist.train import __main__ as cli
     from moga_dist.train import loop

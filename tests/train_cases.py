@@ -48,7 +48,7 @@ def bpe_preset(rank, world, out):
 
     preset = Path(__file__).resolve().parent.parent / "configs" / "tiny_bpe_cpu.toml"
     keep = [o for o in TINY if not o.startswith("model.vocab_size")]
-    cfg = load(preset, keep + [f"output_dir='{out}'", "training.steps=3"])
+    cfg = load(preset, keep + [f"output_dir='{out}'", "training.steps=3", "training.global_batch_size=2"])
     assert cfg.data.tokenizer == "kjv-bpe" and cfg.model.vocab_size == 1024
     summary = run(cfg)
     assert summary["optimizer"] == "moga" and math.isfinite(summary["final_train_loss"]), summary

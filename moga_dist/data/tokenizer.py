@@ -148,7 +148,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
-
-def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
-    """The vocabulary rounded up to `multiple`, as Megatron-LM pads it (`--make-vocab-size-divisible-by`)."""
-    return -(-vocab_size // multiple) * multiple

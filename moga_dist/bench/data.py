@@ -73,13 +73,22 @@ def _rank(rank: int, world: int, prefix: str, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps({"rss_mb": rss_mb, "loader": loader, "job": job}))
 
 
-def _prepare(inputs: list[str], tokenizer: str, prefix: str, workers: int) -> float:
-    """MB/s of input text."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (prepare's pool workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _prepare(inputs: list[str], tokenizer: str, prefix: str, workers: int) -> tuple[float, float]:
+    """(MB/s of input text on the wall clock, MB per CPU-second of all processes): the second does
+    not depend on how busy the machine's cores are."""
     from ..data.prepare import PrepareOptions, prepare
 
+    cpu = _cpu_seconds()
     s = prepare(PrepareOptions(inputs=inputs, tokenizer=tokenizer, output_prefix=prefix, workers=workers,
                                append_eod=True, overwrite=True, progress=False))
-    return s["input_bytes"] / 2 ** 20 / s["seconds"]
+    mb = s["input_bytes"] / 2 ** 20
+    return mb / s["seconds"], mb / (_cpu_seconds() - cpu)
 
 
 def main(argv=None) -> None:
@@ -99,15 +108,15 @@ def main(argv=None) -> None:
             make_corpus(tmp / f"{name}.jsonl", mb)
         bpe = resolve_tokenizer("kjv-bpe")
         for workers in (1, 2):
-            rate = _prepare([str(tmp / "small.jsonl")], bpe, str(tmp / "small_bpe"), workers)
+            rate, per_cpu = _prepare([str(tmp / "small.jsonl")], bpe, str(tmp / "small_bpe"), workers)
             print(f"data: prepare corpus={args.small_mb:g}MB tokenizer=kjv-bpe workers={workers} "
-                  f"MB_per_s={rate:.1f} per_worker={rate / workers:.1f}", flush=True)
+                  f"MB_per_s={rate:.1f} per_worker={rate / workers:.1f} MB_per_cpu_s={per_cpu:.1f}", flush=True)
         rss, speeds = {}, {}
         for name, mb in sizes.items():
             prefix = str(tmp / f"{name}_bytes")
-            rate = _prepare([str(tmp / f"{name}.jsonl")], "bytes", prefix, args.workers)
+            rate, per_cpu = _prepare([str(tmp / f"{name}.jsonl")], "bytes", prefix, args.workers)
             print(f"data: prepare corpus={mb:g}MB tokenizer=bytes workers={args.workers} MB_per_s={rate:.1f} "
-                  f"per_worker={rate / args.workers:.1f}", flush=True)
+                  f"per_worker={rate / args.workers:.1f} MB_per_cpu_s={per_cpu:.1f}", flush=True)
             (tmp / f"{name}.jsonl").unlink()
             out = tmp / f"job_{name}"
             out.mkdir()

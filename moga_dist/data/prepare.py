@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -159,16 +160,18 @@ def _init_worker(spec: str, append_eod: bool, dtype: str) -> None:
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens of the chunk's documents concatenated, each one's length, empty documents skipped)."""
     tok, eod, dtype = _WORKER["tok"], _WORKER["eod"], _WORKER["dtype"]
-    ids, lengths, empty = [], [], 0
-    for text in texts:
-        doc = tok.encode(text) if text.strip() else []
-        if not doc:
-            empty += 1
-            continue
-        doc += eod
-        ids += doc
-        lengths.append(len(doc))
-    return np.asarray(ids, dtype=dtype), np.asarray(lengths, dtype=np.int64), empty
+    kept = [t for t in texts if t.strip()]
+    if tok.kind == "bytes":          # the ids are the bytes: no per-token Python objects
+        raw = [t.encode("utf-8") for t in kept]
+        data = b"\0".join(raw) + b"\0" if eod else b"".join(raw)        # the byte tokenizer's EOD is 0
+        ids = np.frombuffer(data, dtype=np.uint8).astype(dtype)
+        lengths = np.fromiter((len(r) + len(eod) for r in raw), dtype=np.int64, count=len(raw))
+        return ids, lengths, len(texts) - len(kept)
+    docs = [d for d in tok.encode_batch(kept) if d]
+    lengths = np.fromiter((len(d) + len(eod) for d in docs), dtype=np.int64, count=len(docs))
+    flat = itertools.chain.from_iterable(itertools.chain(d, eod) for d in docs)
+    ids = np.fromiter(flat, dtype=dtype, count=int(lengths.sum()))
+    return ids, lengths, len(texts) - len(docs)
 
 
 def _chunks(files: list[Path], opts: PrepareOptions, counts: Counts) -> Iterator[tuple[list[str], int]]:

@@ -289,7 +289,7 @@ def _progress(opts: PrepareOptions, files: list[Path]):
     from tqdm.auto import tqdm
 
     total = None if any(f.name.endswith(".gz") for f in files) else sum(f.stat().st_size for f in files)
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare", dynamic_ncols=True)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", dynamic_ncols=True)
 
 
 def summary_line(s: dict) -> str:

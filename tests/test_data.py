@@ -235,3 +235,27 @@ def test_shipped_corpus_prepared_once_and_reused(tmp_path, monkeypatch):
     assert plan.tokenizer.kind == "bytes" and plan.tokens[0] > 4_000_000
     assert _plan(tmp_path).prefixes == plan.prefixes and bin_.stat().st_mtime_ns == stamp
     assert np.frombuffer(bin_.read_bytes()[:64], dtype=np.uint16).max() < 256
+
+
+def test_interrupted_prepare_leaves_the_final_names_untouched(tmp_path, monkeypatch, capsys):
+    import moga_dist.data.prepare as prep
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _verses(200)))
+    prefix = str(tmp_path / "ds")
+    assert data_main(["prepare", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", "bytes", "--output-prefix",
+                      prefix, "--quiet"]) == 0
+    before = _digest(tmp_path.iterdir())
+    real, calls = prep._encode_chunk, []
+
+    def interrupted(texts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(texts)
+
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 2000)          # many chunks: stop in the middle
+    monkeypatch.setattr(prep, "_encode_chunk", interrupted)
+    assert data_main(["prepare", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", "bytes", "--output-prefix",
+                      prefix, "--overwrite", "--append-eod", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert _digest(tmp_path.iterdir()) == before           # the old files, no temporary ones

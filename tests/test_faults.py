@@ -182,7 +182,8 @@ def test_full_disk_says_no_space_left_keeps_the_previous_checkpoint_and_no_parti
     # and DeepSpeed's scripts; the step-4 one does not fit. The
     # mount lives in the namespace only, so the folder is inspected there, after the job exits.
     args = [a for s in TINY for a in ("--set", s)] + ["--set", f"output_dir='{disk}/run'", "--set",
-                                                       "training.steps=4", "--set", "checkpoint.every=2"]
+                                                       "training.steps=4", "--set", "checkpoint.every=2",
+                                                       "--set", f"data.cache_dir='{tmp_path}/data_cache'"]  # not on the small disk
     inspect = (f"import json, pathlib; from moga_dist.train import checkpoint as c; d = pathlib.Path('{disk}/run/checkpoints'); "
                f"json.dump({{'names': sorted(p.name for p in d.iterdir()), 'latest': (d / 'latest').read_text(), "
                f"'problems': c.verify(d / 'step00000002', c.Group(0, 1))}}, open('{report}', 'w'))")

@@ -88,6 +88,13 @@ class PretrainData:
         except AssertionError as exc:       # e.g. a split that leaves a dataset no documents
             raise ValueError(f"data.paths={list(plan.prefixes)} with data.split={cfg.data.split!r}: megatron-core "
                              f"could not build the datasets ({exc or 'assertion failed'})") from None
+        except Exception as exc:            # megatron-core raises a bare Exception when the cache write fails
+            if "data cache directory" not in str(exc):
+                raise
+            cause = exc.__cause__
+            raise ValueError(f"data.cache_dir: could not write GPTDataset's indices to {cache} ("
+                             f"{getattr(cause, 'strerror', None) or cause or exc}); set data.cache_dir to a "
+                             "writable directory with free space") from None
 
     def sample(self, dataset, index: int) -> torch.Tensor:
         """One sample: int64 [max_seq_len] (the model shifts it into inputs and labels)."""

@@ -1,6 +1,7 @@
-"""The CPU image, built here without a registry (docker/build.sh), runs the main job as two containers
-acting as two nodes (launch/torchrun.sh, host network, 127.0.0.1), and its losses equal a single-node
-2-rank run of the same config on the host. Expensive (the image build): marked `docker`, run by
+"""The CPU image, built here without a registry (docker/build.sh), prepares a dataset onto a shared
+volume (`python -m moga_dist.data prepare`), runs the main job from it as two containers acting as two
+nodes (launch/torchrun.sh, host network, 127.0.0.1), and its losses equal a single-node 2-rank run of
+the same config on the host, reading the same prepared files. Expensive (the image build): marked `docker`, run by
 .ci/docker_check.sh (`pytest -m docker`), not by the default run."""
 import json
 import os
@@ -16,8 +17,10 @@ from moga_dist.train.safe_load import safe_load
 
 ROOT = Path(__file__).parent.parent
 IMAGE = os.environ.get("MOGA_TEST_IMAGE", "moga-dist:cpu-test")
-# The main job (configs/tiny_cpu.toml), shortened: 6 steps, an evaluation and a checkpoint at the end.
-SHORT = ["--set", "training.steps=6", "--set", "training.log_every=1", "--set", "training.eval_batches=2"]
+# The main job (configs/tiny_cpu.toml), shortened: 6 steps, an evaluation and a checkpoint at the end,
+# on the dataset the image prepared onto the shared volume (outputs/data/kjv.bin/.idx).
+SHORT = ["--set", "training.steps=6", "--set", "training.log_every=1", "--set", "training.eval_batches=2",
+         "--set", "data.paths=['outputs/data/kjv']"]
 
 
 
@@ -49,10 +52,28 @@ def image(daemon):
     return IMAGE
 
 
-def _host_run(out: Path) -> dict:
+def _prepare_in_container(daemon, image: str, outputs: Path) -> str:
+    """The image's `prepare` writes the shipped corpus (copied onto the volume) as outputs/data/kjv."""
+    from moga_dist.data.shipped import kjv_jsonl
+
+    (outputs / "data").mkdir(mode=0o777)
+    (outputs / "data").chmod(0o777)
+    (outputs / "kjv.jsonl").write_bytes(kjv_jsonl().read_bytes())
+    proc = subprocess.run([daemon.env["DOCKER"], "run", "--rm", "-v", f"{outputs}:/opt/moga_dist/outputs", image,
+                           "python", "-m", "moga_dist.data", "prepare", "--input", "outputs/kjv.jsonl", "--tokenizer",
+                           "bytes", "--output-prefix", "outputs/data/kjv", "--append-eod", "--quiet"],
+                          env=daemon.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "31,102 documents" in proc.stdout, proc.stdout
+    return proc.stdout
+
+
+def _host_run(out: Path, outputs: Path) -> dict:
+    """The same job on the host, reading the files the container prepared (data.paths points there)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "moga_dist.train", "--config", "configs/tiny_cpu.toml", *SHORT,
+                           "--set", f"data.paths=['{outputs}/data/kjv']",
                            "--set", f"output_dir='{out}'"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,6 +99,7 @@ def test_two_container_nodes_match_a_single_node_run(daemon, image, tmp_path):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     outputs.chmod(0o777)            # the image's user (uid 1000) writes here
+    _prepare_in_container(daemon, image, outputs)
     port = free_port()
     nodes = [_node(daemon, image, rank, port, outputs) for rank in (0, 1)]
     try:
@@ -90,7 +112,7 @@ def test_two_container_nodes_match_a_single_node_run(daemon, image, tmp_path):
     containers = json.loads((outputs / "two_nodes/summary.json").read_text())
     assert containers["world_size"] == 2 and containers["steps"] == 6 and containers["optimizer"] == "moga"
 
-    host = _host_run(tmp_path / "host")
+    host = _host_run(tmp_path / "host", outputs)
     for key in ("final_train_loss", "val_loss"):
         assert containers[key] == pytest.approx(host[key], rel=1e-6, abs=0), (key, containers[key], host[key])
     assert containers["layout"] == host["layout"]

@@ -151,8 +151,10 @@ def _one_line_error(proc, needle):
     (["--config", "no/such.toml"], "no/such.toml"),
     (["--set", "training.steps=abc"], "training.steps='abc'"),
     (["--set", 'optimizer.moga.momentum="0.95"'], "optimizer.moga.momentum='0.95'"),
-    (["--set", "data.corpus='no/such/corpus.txt'"], "no/such/corpus.txt"),
-], ids=["missing-config", "steps-abc", "momentum-string", "missing-corpus"])
+    (["--set", "data.paths=['no/such/prefix']"], "no/such/prefix.idx is missing"),
+    (["--set", "data.tokenizer='no/such/tokenizer.model'"], "tokenizer 'no/such/tokenizer.model': no such file"),
+    (["--set", "data.weights=[1.0, 1.0]"], "data.weights has 2 entries but data.paths has 1"),
+], ids=["missing-config", "steps-abc", "momentum-string", "missing-dataset", "missing-tokenizer", "weights-length"])
 def test_bad_input_is_one_line_exit_2_before_the_engine_starts(args, needle, tmp_path, monkeypatch, capsys):
     from moga_dist.train import __main__ as cli
     from moga_dist.train import loop
@@ -180,7 +182,8 @@ def test_full_disk_says_no_space_left_keeps_the_previous_checkpoint_and_no_parti
     # and DeepSpeed's scripts; the step-4 one does not fit. The
     # mount lives in the namespace only, so the folder is inspected there, after the job exits.
     args = [a for s in TINY for a in ("--set", s)] + ["--set", f"output_dir='{disk}/run'", "--set",
-                                                       "training.steps=4", "--set", "checkpoint.every=2"]
+                                                       "training.steps=4", "--set", "checkpoint.every=2",
+                                                       "--set", f"data.cache_dir='{tmp_path}/data_cache'"]  # not on the small disk
     inspect = (f"import json, pathlib; from moga_dist.train import checkpoint as c; d = pathlib.Path('{disk}/run/checkpoints'); "
                f"json.dump({{'names': sorted(p.name for p in d.iterdir()), 'latest': (d / 'latest').read_text(), "
                f"'problems': c.verify(d / 'step00000002', c.Group(0, 1))}}, open('{report}', 'w'))")

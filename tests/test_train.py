@@ -54,3 +54,18 @@ def test_resume_equals_uninterrupted_training(tmp_path):
 @pytest.mark.distributed
 def test_other_model_or_fresh_start_over_checkpoints_is_refused_and_nothing_is_lost(tmp_path):
     spawn(2, refusals, str(tmp_path))
+
+
+@pytest.mark.distributed
+def test_bpe_preset_trains_a_tokenizer_prepares_the_corpus_and_trains(tmp_path, monkeypatch):
+    import json
+
+    from train_cases import bpe_preset
+
+    monkeypatch.setenv("MOGA_DIST_CACHE", str(tmp_path / "cache"))     # nothing cached: all of it runs
+    spawn(1, bpe_preset, str(tmp_path / "run"))          # one rank: the data path is what is new here
+    tokenizer = json.loads((tmp_path / "cache/kjv-bpe-1024/tokenizer.json").read_text())
+    assert tokenizer["model"]["type"] == "BPE" and len(tokenizer["model"]["vocab"]) == 1024
+    meta = json.loads(next((tmp_path / "cache/data").glob("kjv-*.meta.json")).read_text())
+    assert meta["tokenizer"]["kind"] == "hf-json" and meta["documents"] > 31000          # one per verse
+    assert meta["tokens"] < 0.6 * 4_137_452      # fewer tokens than bytes: a real subword vocabulary

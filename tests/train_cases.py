@@ -36,3 +36,22 @@ def refusals(rank, world, base):
         else:
             raise AssertionError(f"{extra} was not refused")
     assert sorted(str(p) for p in Path(f"{base}/a/checkpoints").rglob("*")) == before
+
+
+def bpe_preset(rank, world, out):
+    """configs/tiny_bpe_cpu.toml end to end, shrunk to a few steps: the BPE is trained on the
+    shipped corpus, the corpus prepared with it, and the job trains from the indexed files."""
+    import json
+    import math
+
+    from moga_dist.train.loop import run
+
+    preset = Path(__file__).resolve().parent.parent / "configs" / "tiny_bpe_cpu.toml"
+    keep = [o for o in TINY if not o.startswith("model.vocab_size")]
+    cfg = load(preset, keep + [f"output_dir='{out}'", "training.steps=3", "training.global_batch_size=2"])
+    assert cfg.data.tokenizer == "kjv-bpe" and cfg.model.vocab_size == 1024
+    summary = run(cfg)
+    assert summary["optimizer"] == "moga" and math.isfinite(summary["final_train_loss"]), summary
+    assert math.isfinite(summary["val_loss"]), summary
+    if rank == 0:
+        (Path(out) / "result.json").write_text(json.dumps(summary))

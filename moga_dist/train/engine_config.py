@@ -64,7 +64,21 @@ def megatron_args(cfg: RunConfig) -> list[str]:
         args += ["--bf16"]
     if p.activation_checkpointing:
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", 1]
-    return [str(a) for a in args]
+    return [str(a) for a in args + _megatron_data_args(cfg)]
+
+
+def _megatron_data_args(cfg: RunConfig) -> list:
+    """[data] as Megatron-LM flags: the same PREFIX.bin/.idx (docs/data.md). The shipped corpus
+    ('kjv') and the byte / 'kjv-bpe' tokenizers exist only in moga_dist.train: left out."""
+    d = cfg.data
+    args: list = []
+    if "kjv" not in d.paths:
+        blend = [x for w, path in zip(d.weights, d.paths) for x in (w, path)] if d.weights else list(d.paths)
+        args += ["--data-path", *blend, "--split", d.split]
+    if d.tokenizer not in ("bytes", "kjv-bpe"):
+        kind = "GPTSentencePieceTokenizer" if d.tokenizer.endswith(".model") else "HuggingFaceTokenizer"
+        args += ["--tokenizer-type", kind, "--tokenizer-model", d.tokenizer]
+    return args
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import torch
 from .. import NonFiniteGradientError
 from . import checkpoint
 from .config import RunConfig, accumulation_steps, as_dict
-from .data import ByteCorpus
+from .data import PretrainData, plan_data
 from .dist_env import discover
 
 
@@ -71,10 +71,13 @@ def run(cfg: RunConfig, backend=None) -> dict:
     if checkpoint.has_checkpoints(ckpt_dir) and not cfg.checkpoint.resume:
         raise ValueError(f"{ckpt_dir} already holds checkpoints and checkpoint.resume=false: refusing to "
                          "overwrite them. Resume them, or set output_dir to a new directory")
-    # Read the corpus before the engine: a bad path fails in a second, not after the build.
-    corpus = ByteCorpus(cfg.data.corpus, cfg.model.max_seq_len, cfg.data.val_fraction, t.seed)
+    # Check the data before the engine: a bad path or tokenizer fails in seconds, not after the build.
+    plan = plan_data(cfg)
     backend = backend or make_backend(cfg)
     rank, world = backend.rank, backend.world
+    corpus = PretrainData(plan, cfg, backend.dp_world)
+    _say(rank, f"data: {len(plan.prefixes)} dataset(s), {sum(plan.tokens):,} tokens, tokenizer "
+               f"{plan.tokenizer.kind} (vocab {plan.tokenizer.vocab_size:,})")
     group = checkpoint.Group(rank, world)
     accum = accumulation_steps(cfg, backend.dp_world)
     meta = {"model": as_dict(cfg.model), "optimizer_name": cfg.optimizer.name, **backend.layout_meta(),

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .views import exact_storage
+
 FORMAT = "moga_model_space"
 # Formats a Megatron-LM run may ask for; all are served as FORMAT, which reshards in every dimension.
 _ACCEPTED = (FORMAT, "fully_reshardable", "dp_reshardable", "fully_sharded_model_space", "dp_zero_gather_scatter")
@@ -226,23 +228,6 @@ def flat_blocks(shape, lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:
     if hi > last * inner:
         out += [((last, *o), (1, *s), last * inner + st) for o, s, st in flat_blocks(shape[1:], 0, hi - last * inner)]
     return out
-
-
-def exact_storage(t: torch.Tensor) -> torch.Tensor:
-    """`t` (contiguous), or for a CPU view of a larger storage, an alias of the same memory whose
-    storage is exactly `t`'s bytes; the alias keeps `t` alive. Why: megatron-core's checkpoint writer
-    (FileSystemWriterAsync) clones every CPU tensor whose storage is larger than itself before
-    writing, which for views of a rank's main weights and momentum would be a full copy of its state
-    (8 B x parameters / DP) at each save. GPU tensors are copied to the host by that writer anyway."""
-    if t.device.type != "cpu" or t.untyped_storage().nbytes() == t.numel() * t.element_size() or t.numel() == 0:
-        return t
-    if not t.is_contiguous():
-        raise ValueError(f"exact_storage needs a contiguous tensor, got strides {t.stride()}")
-    import ctypes
-
-    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
-    buf.owner = t                      # the memory belongs to t's storage: keep it alive
-    return torch.frombuffer(buf, dtype=t.dtype).view(t.shape)
 
 
 def without_copies(sharded_state_dict: dict) -> dict:

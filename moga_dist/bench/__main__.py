@@ -1,4 +1,4 @@
-"""Dispatch `python -m moga_dist.bench {step,comm,train,gpu} [options]`; `--help` lists the commands,
+"""Dispatch `python -m moga_dist.bench {step,comm,train,gpu,memory} [options]`; `--help` lists the commands,
 `python -m moga_dist.bench COMMAND --help` the options of one."""
 import sys
 
@@ -7,6 +7,7 @@ COMMANDS = {
     "comm": "bytes each rank hands to collectives on one LLaMA-7B layer, beside the analytic minimum",
     "train": "the main job with MOGA and with DeepSpeed's AdamW, tokens/s of each",
     "gpu": "the GPU check: exactness, MOGA vs fused AdamW time, launches, bandwidth, 2 ranks, CUDA graph",
+    "memory": "per-rank peak RSS of steps, save and load at ~350M params, MOGA vs AdamW per engine",
 }
 
 

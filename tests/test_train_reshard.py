@@ -33,6 +33,7 @@ def test_job_resumes_at_another_world_size(tmp_path, world):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow            # three job runs (~4.5 min on the busy 2-core machine)
 def test_job_without_deepspeed_files_resumes_and_stores_the_state_once(tmp_path):
     """checkpoint.deepspeed_files=false: only MOGA's model-space state is written (no ZeRO files),
     the run stopped at step 3 resumes (at 3 ranks) and ends where the straight run ends (1e-5), and

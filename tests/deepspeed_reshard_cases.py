@@ -1,5 +1,10 @@
 """Workers for the resharding tests: a DeepSpeed run with MOGA saved at one world size continues
 at another, equal to uninterrupted single-process MOGA on the same global batches."""
+import contextlib
+import dataclasses
+import gc
+import weakref
+
 import torch
 
 from deepspeed_cases import HP, STEPS, Tiny, batches, ds_config, engine_run, loss_of
@@ -45,7 +50,10 @@ def resume_case(rank, world, stage, directory):
 
     data = batches(GLOBAL_BATCH, STEPS)
     engine = _engine(world, stage)
-    assert load_model_space(engine, directory) == SAVED_AT
+    with files_held() as held:
+        assert load_model_space(engine, directory) == SAVED_AT
+    # The load streams the 2 saved rank files: never more than one held at a time.
+    assert held.opened >= 2 and held.most == 1, (held.opened, held.most)
     assert engine.global_steps == SAVED_AT
     _run(engine, rank, world, stage, data[SAVED_AT:])
     ref = reference_scheduled(data)
@@ -59,6 +67,37 @@ def resume_case(rank, world, stage, directory):
     for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
         err = (p.detach().float() - q.detach()).abs().max().item() / q.detach().abs().max().item()
         assert err <= 1e-5, (f"resumed ZeRO-{stage} at world {world}", name, err)
+
+
+@dataclasses.dataclass
+class FilesHeld:
+    opened: int = 0         # rank files whose tensors were read
+    most: int = 0           # most rank files alive at once (some tensor of theirs still referenced)
+
+
+@contextlib.contextmanager
+def files_held():
+    """Count the model-space rank files a load holds at once: each file read is tracked by a weak
+    reference to one of its tensors, dead once the loader dropped the file."""
+    import moga_dist.engines.deepspeed_checkpoint as dc
+
+    held, live, read = FilesHeld(), [], dc._read
+
+    def tracking(path):
+        out = read(path)
+        tensors = [t for p in out.get("pieces", {}).values() for t in p.values() if torch.is_tensor(t)]
+        if tensors:
+            gc.collect()
+            live[:] = [r for r in live if r() is not None] + [weakref.ref(tensors[0])]
+            held.opened += 1
+            held.most = max(held.most, len(live))
+        return out
+
+    dc._read = tracking
+    try:
+        yield held
+    finally:
+        dc._read = read
 
 
 def reference_scheduled(data):

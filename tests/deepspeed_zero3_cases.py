@@ -2,7 +2,7 @@
 single-process MOGA on the same global batches."""
 import torch
 
-from deepspeed_cases import HP, STEPS, Tiny, batches, ds_config, engine_run, reference
+from deepspeed_cases import HP, STEPS, Tiny, batches, ds_config, engine_run, loss_of, reference
 from moga_dist import MOGA, param_groups
 
 
@@ -100,3 +100,59 @@ def stage3_refusals(rank, world):
             assert key in str(exc), (key, str(exc))
         else:
             raise AssertionError(f"{key} was not refused")
+
+
+def stage3_sub_groups_one_step(rank, world):
+    """ZeRO-3 with several sub-groups steps MOGA once per optimizer step: the step program is built
+    once and reused (the same object after every later step), and a non-finite gradient in the LAST
+    sub-group (injected on rank 0 only, after DeepSpeed's own gradient-norm check) is refused on
+    every rank with every sub-group's fp32 flat, momentum and partitioned parameters unchanged."""
+    import deepspeed
+    import moga_dist.engines.deepspeed as mds
+    from moga_dist import NonFiniteGradientError
+
+    mds.skip_shm_comm_build()
+    micro = 2
+    data = batches(micro * world, 4)
+    torch.manual_seed(0)
+    model = Tiny()
+    config = ds_config(3, micro, 1)
+    config["zero_optimization"]["sub_group_size"] = 100
+    moga = MOGA(param_groups(model), **HP)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=moga, config=config)
+    ds = engine.optimizer
+    assert len(ds.fp16_groups) > 2, "sub_group_size did not split the parameters"
+    engine_run(rank, world, 3, 0.0, data[:1], micro, 1, engine=engine)
+    program = moga.last_program
+    assert program is not None and len(program.pieces) >= len(ds.fp16_groups), "one program for all sub-groups"
+    engine_run(rank, world, 3, 0.0, data[1:3], micro, 1, engine=engine)
+    assert moga.last_program is program, "the step program was rebuilt"
+
+    last = len(ds.fp16_groups) - 1
+    flats = [f.detach().clone() for f in ds.fp32_partitioned_groups_flat]
+    moms = [moga.state[f]["momentum_buffer"].clone() for f in ds.fp32_partitioned_groups_flat]
+    parts = [f.detach().clone() for f in ds.fp16_partitioned_groups_flat]
+    clip = ds.unscale_and_clip_grads
+
+    def poison(sub_group_id, norm):
+        clip(sub_group_id, norm)
+        if sub_group_id == last and rank == 0:
+            ds.fp32_partitioned_groups_flat[last].grad[0] = float("nan")
+
+    ds.unscale_and_clip_grads = poison
+    first = rank * micro
+    engine.backward(loss_of(engine, data[3][first:first + micro]))
+    try:
+        engine.step()
+    except NonFiniteGradientError:
+        pass
+    else:
+        raise AssertionError("a NaN in the last sub-group was not refused")
+    for i, f in enumerate(ds.fp32_partitioned_groups_flat):
+        assert torch.allclose(f.detach(), flats[i], rtol=0, atol=1e-6), ("fp32 flat stepped", i)
+        assert torch.equal(ds.fp16_partitioned_groups_flat[i], parts[i]), ("partitioned params changed", i)
+        mom = moga.state[f]["momentum_buffer"]
+        keep = torch.ones_like(mom, dtype=torch.bool)
+        if i == last and rank == 0:
+            keep[0] = False                      # the poisoned entry's momentum is reset to 0
+        assert torch.allclose(mom[keep], moms[i][keep], rtol=0, atol=1e-6), ("momentum stepped", i)

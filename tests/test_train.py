@@ -27,6 +27,13 @@ def test_overrides_are_parsed_as_toml_not_evaluated():
     assert cfg.output_dir == "__import__('os').system('true')"
 
 
+def test_deepspeed_files_false_is_refused_where_only_deepspeed_files_hold_the_state():
+    assert not load(None, ["checkpoint.deepspeed_files=false"]).checkpoint.deepspeed_files
+    for other in ("optimizer.name='adamw'", "parallel.engine='megatron'"):
+        with pytest.raises(ValueError, match=r"checkpoint.deepspeed_files=false .*allowed only with 'deepspeed' and 'moga'"):
+            load(None, ["checkpoint.deepspeed_files=false", other])
+
+
 def test_world_size_that_does_not_divide_the_batch_is_refused():
     cfg = load(None, ["training.global_batch_size=16", "training.micro_batch_size=8"])
     assert accumulation_steps(cfg, 2) == 1

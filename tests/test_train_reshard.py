@@ -43,3 +43,33 @@ def test_job_resumes_at_another_world_size(runs, tmp_path, world):
     assert common["step"] == 6 and common["world_size"] == world and common["global_steps"] == 6
     meta = (split / "checkpoints/step00000003/meta.json").read_text()
     assert '"dp_world_size": 2' in meta
+
+
+@pytest.mark.distributed
+@pytest.mark.slow            # three job runs (~4.5 min on the busy 2-core machine)
+def test_job_without_deepspeed_files_resumes_and_stores_the_state_once(tmp_path):
+    """checkpoint.deepspeed_files=false: only MOGA's model-space state is written (no ZeRO files),
+    the run stopped at step 3 resumes (at 3 ranks) and ends where the straight run ends (1e-5), and
+    the checkpoint is smaller than one with DeepSpeed's duplicate of the fp32 weights and momentum."""
+    from moga_dist.engines.deepspeed_checkpoint import model_space_weights
+
+    spawn(2, run_job, str(tmp_path / "straight"), 6)
+    spawn(2, run_job, str(tmp_path / "split"), 6, 3, "checkpoint.deepspeed_files=false")
+    spawn(3, run_job, str(tmp_path / "split"), 6, None, "checkpoint.deepspeed_files=false")
+    space = "checkpoints/step00000006/moga_model_space"
+    straight = model_space_weights(tmp_path / "straight" / space)
+    resumed = model_space_weights(tmp_path / "split" / space)
+    for name, ref in straight.items():
+        err = (resumed[name] - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= 1e-5, (name, err)
+
+    def files(run, step):
+        d = tmp_path / run / "checkpoints" / f"step{step:08d}"
+        return {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+
+    only_moga, both = files("split", 3), files("straight", 3)
+    assert not [f for f in only_moga if f.endswith("states.pt")], sorted(only_moga)
+    assert [f for f in both if f.endswith("optim_states.pt")], sorted(both)
+    print("checkpoint bytes at step 3: model space only", sum(only_moga.values()), "with DeepSpeed's files",
+          sum(both.values()))
+    assert sum(only_moga.values()) < 0.65 * sum(both.values()), (sum(only_moga.values()), sum(both.values()))

@@ -1,4 +1,4 @@
-"""Dispatch `python -m moga_dist.bench {step,comm,train,data,gpu} [options]`; `--help` lists the commands,
+"""Dispatch `python -m moga_dist.bench {step,comm,train,data,gpu,memory} [options]`; `--help` lists the commands,
 `python -m moga_dist.bench COMMAND --help` the options of one."""
 import sys
 
@@ -8,6 +8,7 @@ COMMANDS = {
     "train": "the main job with MOGA and with DeepSpeed's AdamW, tokens/s of each",
     "data": "prepare MB/s, the job's per-rank RSS at 10 MB and 500 MB corpora, loader vs job tokens/s",
     "gpu": "the GPU check: exactness, MOGA vs fused AdamW time, launches, bandwidth, 2 ranks, CUDA graph",
+    "memory": "per-rank peak RSS of steps, save and load at ~350M params, MOGA vs AdamW per engine",
 }
 
 

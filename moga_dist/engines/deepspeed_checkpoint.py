@@ -11,6 +11,11 @@ on every rank, the overlap of each saved piece with each piece the rank holds no
 every element is covered exactly once, and rebuilds the model's (bit16) weights from the fp32
 masters as a DeepSpeed step does. Files are plain tensors and Python scalars, read only with
 `torch.load(weights_only=True)`.
+
+Memory: a save writes exact-storage aliases of the rank's tensors (views.exact_storage), no copy;
+a load first reads only the files' piece ranges (memory-mapped, no tensor touched), checks the
+coverage, then streams the rank files one at a time, so it holds at most one saved rank file
+beyond its own state.
 """
 from __future__ import annotations
 
@@ -23,19 +28,10 @@ import torch
 from ..core.flat import FlatSegment
 from ..core.optimizer import MOGA
 from .deepspeed_wrappers import held_tensors
+from .views import exact_storage
 
 FORMAT = "moga-model-space-1"
 COMMON = "common.pt"
-
-
-@dataclass(frozen=True)
-class SavedPiece:
-    """Elements [start, end) of a flattened parameter: fp32 master weight and momentum."""
-
-    start: int
-    end: int
-    weight: torch.Tensor
-    momentum: torch.Tensor
 
 
 def engine_moga(engine) -> MOGA:
@@ -81,10 +77,10 @@ def save_model_space(engine, directory: str | Path, save: Callable = torch.save)
             start, end = piece_range(seg)
             if seg.name in pieces:
                 raise ValueError(f"parameter {seg.name!r} is held twice by MOGA on rank {rank}")
-            # clone(): a view would save the whole flat buffer with it.
+            # exact_storage: a plain view would save the whole flat buffer with it, a clone copy it.
             pieces[seg.name] = {"shape": list(seg.layout.global_shape), "start": start, "end": end,
-                                "weight": weight[seg.start:seg.start + seg.numel].clone(),
-                                "momentum_buffer": mom[seg.start:seg.start + seg.numel].clone()}
+                                "weight": exact_storage(weight[seg.start:seg.start + seg.numel]),
+                                "momentum_buffer": exact_storage(mom[seg.start:seg.start + seg.numel])}
     if len(steps) > 1:
         raise ValueError(f"MOGA's tensors took different numbers of steps ({sorted(steps)}); not saving")
     directory = Path(directory)
@@ -108,48 +104,80 @@ def _read(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _saved_pieces(directory: Path) -> tuple[dict, dict[str, list[SavedPiece]], dict[str, list[int]]]:
-    """(common, {name: pieces from every saved rank}, {name: shape})."""
+@dataclass(frozen=True)
+class _Index:
+    """A checkpoint's layout without its tensors: `common`, {name: shape}, and per saved rank the
+    pieces it supplies ({rank: [(name, start, end)]}; a range saved by several ranks, as ZeRO-0's
+    whole tensors are, is taken from the first)."""
+    common: dict
+    shapes: dict[str, list[int]]
+    supplies: dict[int, list[tuple[str, int, int]]]
+
+    def covered(self, name: str, start: int, end: int) -> int:
+        return sum(max(0, min(end, hi) - max(start, lo)) for pieces in self.supplies.values()
+                   for n, lo, hi in pieces if n == name)
+
+
+def _index(directory: Path) -> _Index:
     common = _read(directory / COMMON)
     if common.get("format") != FORMAT:
         raise ValueError(f"{directory / COMMON}: format {common.get('format')!r}, this moga_dist reads {FORMAT!r}")
-    pieces: dict[str, dict[tuple[int, int], SavedPiece]] = {}
-    shapes: dict[str, list[int]] = {}
+    shapes, supplies, seen = {}, {}, set()
     for rank in range(int(common["world_size"])):
-        for name, p in _read(directory / rank_file(rank))["pieces"].items():
-            shapes[name] = list(p["shape"])
-            if p["end"] > p["start"]:     # ZeRO-0 ranks hold the same whole tensors: keep one copy
-                pieces.setdefault(name, {})[(p["start"], p["end"])] = SavedPiece(
-                    p["start"], p["end"], p["weight"], p["momentum_buffer"])
-    return common, {n: list(v.values()) for n, v in pieces.items()}, shapes
+        for name, shape, start, end in _ranges(directory / rank_file(rank)):
+            shapes[name] = shape
+            if end > start and (name, start, end) not in seen:
+                seen.add((name, start, end))
+                supplies.setdefault(rank, []).append((name, start, end))
+    return _Index(common, shapes, supplies)
+
+
+def _ranges(path: Path) -> list[tuple[str, list[int], int, int]]:
+    """(name, shape, start, end) of each piece in a rank file; its tensors are memory-mapped and
+    never touched, and none outlives this call."""
+    return [(name, list(p["shape"]), int(p["start"]), int(p["end"])) for name, p in _read(path)["pieces"].items()]
+
+
+def _check_covered(index: _Index, targets: list[tuple]) -> None:
+    for _, name, start, end, _ in targets:
+        covered = index.covered(name, start, end)
+        if covered != end - start:
+            raise ValueError(f"parameter {name!r}: the checkpoint covers {covered} of elements [{start}, {end}) "
+                             "(a rank file is missing or overlaps another)")
+
+
+def _stream(directory: Path, index: _Index, targets: list[tuple]) -> None:
+    """Copy into each target (dest 1-D tensor, name, start, end, field) the saved elements
+    [start, end) of `field` ("weight" or "momentum_buffer"), reading one rank file at a time.
+    Coverage is checked beforehand (`_check_covered`)."""
+    by_name: dict[str, list[tuple]] = {}
+    for t in targets:
+        by_name.setdefault(t[1], []).append(t)
+    for rank, supplied in sorted(index.supplies.items()):
+        pieces = _read(directory / rank_file(rank))["pieces"]
+        for name, lo_saved, hi_saved in supplied:
+            for dest, _, start, end, field in by_name.get(name, ()):
+                lo, hi = max(start, lo_saved), min(end, hi_saved)
+                if lo < hi:
+                    dest[lo - start:hi - start].copy_(pieces[name][field][lo - lo_saved:hi - lo_saved])
+        del pieces                       # this file's mapping goes before the next one is opened
 
 
 def model_space_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """{parameter name: full fp32 master weight} assembled from a model-space checkpoint
     (written at any world size); like DeepSpeed's zero_to_fp32 for MOGA's format."""
-    _, saved, shapes = _saved_pieces(Path(directory))
-    out = {}
-    for name, shape in shapes.items():
+    directory = Path(directory)
+    index = _index(directory)
+    out, targets = {}, []
+    for name, shape in index.shapes.items():
         numel = 1
         for s in shape:
             numel *= s
-        full = torch.empty(numel, dtype=saved[name][0].weight.dtype if saved.get(name) else torch.float32)
-        _fill(full, 0, numel, saved.get(name, []), "weight", name)
-        out[name] = full.view(shape)
-    return out
-
-
-def _fill(dest: torch.Tensor, start: int, end: int, saved: list[SavedPiece], field: str, name: str) -> None:
-    """dest (1-D, end - start elements) <- elements [start, end) of the saved parameter."""
-    covered = 0
-    for piece in saved:
-        lo, hi = max(start, piece.start), min(end, piece.end)
-        if lo < hi:
-            dest[lo - start:hi - start].copy_(getattr(piece, field)[lo - piece.start:hi - piece.start])
-            covered += hi - lo
-    if covered != end - start:
-        raise ValueError(f"parameter {name!r}: the checkpoint covers {covered} of elements [{start}, {end}) "
-                         "(a rank file is missing or overlaps another)")
+        out[name] = torch.empty(numel, dtype=torch.float32)
+        targets.append((out[name], name, 0, numel, "weight"))
+    _check_covered(index, targets)
+    _stream(directory, index, targets)
+    return {name: full.view(index.shapes[name]) for name, full in out.items()}
 
 
 def load_model_space(engine, directory: str | Path) -> int:
@@ -158,7 +186,8 @@ def load_model_space(engine, directory: str | Path) -> int:
     optimizer step count loaded. Raises ValueError naming what does not match."""
     directory = Path(directory)
     moga = engine_moga(engine)
-    common, saved, shapes = _saved_pieces(directory)
+    index = _index(directory)
+    common, shapes = index.common, index.shapes
     stage = int(engine.zero_optimization_stage())
     if int(common["zero_stage"]) != stage:
         raise ValueError(f"{directory}: written at ZeRO stage {common['zero_stage']}, this engine runs stage {stage}")
@@ -170,26 +199,28 @@ def load_model_space(engine, directory: str | Path) -> int:
     if names != set(shapes):
         raise ValueError(f"{directory}: parameters differ from this model's: missing {sorted(names - set(shapes))}, "
                          f"unknown {sorted(set(shapes) - names)}")
+    targets = []
+    for h in held:
+        weight, mom = h.tensor.data.view(-1), moga.init_state(h.tensor)["momentum_buffer"].view(-1)
+        for seg, param in zip(h.segments, h.params):
+            if list(seg.layout.global_shape) != shapes[seg.name]:
+                raise ValueError(f"parameter {seg.name!r}: shape {shapes[seg.name]} in the checkpoint, "
+                                 f"{list(seg.layout.global_shape)} in this model")
+            start, end = piece_range(seg)
+            targets += [(weight[seg.start:seg.start + seg.numel], seg.name, start, end, "weight"),
+                        (mom[seg.start:seg.start + seg.numel], seg.name, start, end, "momentum_buffer")]
+            if stage < 3 and param is not h.tensor:
+                # The model's copy (bit16, or fp32 views of ZeRO's flat buffer), rounded element-wise
+                # from the master by copy_, as a step does.
+                targets.append((param.data.view(-1), seg.name, 0, param.numel(), "weight"))
+    _check_covered(index, targets)
     ds = engine.optimizer
     if stage == 3:
         ds.checkpoint_event_prologue()
     with torch.no_grad():
         for h in held:
-            state = moga.init_state(h.tensor)
-            state["step"] = int(common["step"])
-            weight, mom = h.tensor.data.view(-1), state["momentum_buffer"].view(-1)
-            for seg, param in zip(h.segments, h.params):
-                if list(seg.layout.global_shape) != shapes[seg.name]:
-                    raise ValueError(f"parameter {seg.name!r}: shape {shapes[seg.name]} in the checkpoint, "
-                                     f"{list(seg.layout.global_shape)} in this model")
-                start, end = piece_range(seg)
-                _fill(weight[seg.start:seg.start + seg.numel], start, end, saved.get(seg.name, []), "weight", seg.name)
-                _fill(mom[seg.start:seg.start + seg.numel], start, end, saved.get(seg.name, []), "momentum", seg.name)
-                if stage < 3 and param is not h.tensor:
-                    # The model's copy (bit16, or fp32 views of ZeRO's flat buffer) rounded from the master, as a step does.
-                    full = torch.empty(param.numel(), dtype=weight.dtype)
-                    _fill(full, 0, param.numel(), saved[seg.name], "weight", seg.name)
-                    param.data.copy_(full.view(param.shape))
+            moga.init_state(h.tensor)["step"] = int(common["step"])
+        _stream(directory, index, targets)
         if stage == 3:
             for i in range(len(ds.fp16_groups)):
                 ds._reassign_or_swap_out_partitioned_parameters(i)

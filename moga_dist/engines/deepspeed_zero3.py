@@ -8,9 +8,15 @@ That tensor is what MOGA updates: one FlatSegment per parameter, at the running 
 partitions before it, with a FlatPartition of the parameter over the group. Only statistics of
 rows (or columns) cut by a partition boundary are all-reduced, as at ZeRO-1/2.
 
-ZeRO-3 steps MOGA once per sub-group and per optimizer step (not per micro-batch: gradient
-accumulation happens in the partitioned gradient buffers), putting that sub-group's flat tensor
-alone into the param group for the call and emptying the group again afterwards.
+ZeRO-3 steps its inner optimizer once per sub-group and per optimizer step (not per micro-batch:
+gradient accumulation happens in the partitioned gradient buffers), putting that sub-group's flat
+tensor alone into the param group for the call and emptying the group again afterwards. With
+several sub-groups that would rebuild MOGA's step program at every call (each call sees other
+tensors) and give each sub-group its own non-finite verdict, so a NaN in the last sub-group would
+leave the earlier ones stepped. `one_step_for_all_sub_groups` makes the sub-group loop step MOGA
+once, at the last sub-group, over every sub-group's flat: one program (cached across steps), one
+verdict, one statistics all-reduce. The cost: every sub-group's fp32 gradient partition is alive
+during the step (4 B x parameters / DP), where ZeRO-3 holds one sub-group's at a time.
 """
 from __future__ import annotations
 
@@ -77,3 +83,48 @@ def adopt_stage3(ds_optimizer, moga: MOGA, specs: dict[int, ParamSpec]) -> None:
             remember(moga, HeldTensor(buffer, segments, list(params)))
         finally:
             holder["params"] = held
+    if len(ds_optimizer.fp16_groups) > 1:
+        one_step_for_all_sub_groups(ds_optimizer, moga)
+
+
+def one_step_for_all_sub_groups(ds_optimizer, moga: MOGA) -> None:
+    """Make ZeRO-3's per-sub-group loop (prepare gradient, clip, step, copy back to the partitioned
+    parameters, release gradient) step MOGA once: the steps, copy-backs and releases of sub-groups
+    0..n-2 wait for sub-group n-1, whose step is one MOGA step over all flats. A refused step
+    (NonFiniteGradientError) then leaves every sub-group's fp32 flat and partitioned parameters as
+    they were. Idempotent (adopt may run again on the same wrapper)."""
+    if getattr(ds_optimizer, "_moga_one_step", False):
+        return
+    last = len(ds_optimizer.fp16_groups) - 1
+    reassign = ds_optimizer._reassign_or_swap_out_partitioned_parameters
+    release = ds_optimizer._release_sub_group
+
+    def optimizer_step(sub_group_id: int) -> None:
+        if sub_group_id != last:
+            return
+        flats: dict[int, list] = {}
+        for i, flat in enumerate(ds_optimizer.fp32_partitioned_groups_flat):
+            flats.setdefault(ds_optimizer.sub_group_to_group_id[i], []).append(flat)
+        held = {g: moga.param_groups[g]["params"] for g in flats}
+        try:
+            for g, tensors in flats.items():
+                moga.param_groups[g]["params"] = tensors
+            moga.step()
+        finally:
+            for g, params in held.items():
+                moga.param_groups[g]["params"] = params
+
+    def reassign_all(sub_group_id: int) -> None:
+        if sub_group_id == last:
+            for i in range(last + 1):
+                reassign(i)
+
+    def release_all(sub_group_id: int, timer_names) -> None:
+        if sub_group_id == last:
+            for i in range(last + 1):
+                release(i, timer_names)
+
+    ds_optimizer._optimizer_step = optimizer_step
+    ds_optimizer._reassign_or_swap_out_partitioned_parameters = reassign_all
+    ds_optimizer._release_sub_group = release_all
+    ds_optimizer._moga_one_step = True

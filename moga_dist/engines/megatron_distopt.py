@@ -6,18 +6,23 @@ every parameter, `load_state_dict` allocates `exp_avg`/`exp_avg_sq`, the gathere
 hard-code those keys, and megatron-core 0.16 no longer accepts the flattened ShardedTensors of
 "fully_sharded_model_space". This subclass replaces the state methods only and keeps Megatron's
 shard bookkeeping. Its format, "moga_model_space", is model-space like Megatron's
-"fully_reshardable": per parameter, the fp32 main weight and `momentum_buffer` as a tensor of the
-TP-local parameter's shape under the model's own ShardedTensor metadata (assembled from the DP
-shards with one all-reduce per grad buffer and key), so a checkpoint reshards across TP, PP and DP.
+"fully_reshardable": per parameter, the fp32 main weight and `momentum_buffer` under the model's
+own ShardedTensor key and global shape, so a checkpoint reshards across TP, PP and DP. Each DP rank
+writes only its own flat range [lo, hi) of each TP-local parameter, cut into the few row-major
+blocks that tile it (at most 2·ndim - 1 per parameter, see `flat_blocks`), each a *view* of the
+rank's main weight or momentum: a save allocates nothing per parameter and needs no communication
+(megatron-core saves such uneven shards through torch DCP's LocalShardsContainer), and a load reads
+from the saved blocks only those that overlap the rank's own range, straight into its state.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
-from ..core.collectives import sum_across
+from .views import exact_storage
 
 FORMAT = "moga_model_space"
 # Formats a Megatron-LM run may ask for; all are served as FORMAT, which reshards in every dimension.
@@ -110,27 +115,46 @@ def _subclass(base: type) -> type:
             return out
 
         def _model_space(self, model_sharded_state_dict, is_loading: bool) -> dict:
+            """{"<gbuf>.<i>": {key: {"<flat start>": ShardedTensor}}}: for every parameter this rank
+            owns a range of, the blocks of that range as views of its fp32 main weight and momentum
+            (saving reads them, loading writes into them: no per-parameter buffer either way)."""
             from megatron.core.dist_checkpointing.dict_utils import nested_values
             from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
             sharded, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
             meta = {id(sh.data): sh for sh in nested_values(sharded)}
+            instance = getattr(self, "distributed_optimizer_instance_id", 0)
             out = {}
             for gbuf_idx, buffer in enumerate(self.buffers):
-                world = {} if is_loading else self._assemble(buffer)
-                for i, (model_param, (start, end, _)) in enumerate(buffer.param_index_map.items()):
+                for i, model_param in enumerate(buffer.param_index_map):
+                    local = self._local(model_param)
+                    if local is None:                # no element of it on this DP rank
+                        continue
                     sh = meta.get(id(model_param))
                     if sh is None:
                         raise ValueError(f"a parameter of shape {tuple(model_param.shape)} is not in the model's "
                                          "sharded state dict (build it with keep_vars=True)")
-                    entry = {}
-                    for key in _KEYS:
-                        data = torch.empty(model_param.shape, dtype=torch.float32, device=model_param.device) \
-                            if is_loading else world[key][start:end].view(model_param.shape)
-                        fields = dict(key=f"optimizer.state.{key}.{sh.key}", data=data)
-                        if hasattr(sh, "dtype"):             # a ShardedTensor, not a factory
-                            fields["dtype"] = torch.float32
-                        entry[key] = dataclasses.replace(sh, **fields)
+                    main, momentum, lo, hi = local
+                    flats = {"fp32_param": main.detach().view(-1), "momentum_buffer": momentum.view(-1)}
+                    place = (lambda t: t) if is_loading else exact_storage
+                    entry = {key: {} for key in _KEYS}
+                    for sub, sub_start in _model_blocks(sh, model_param):
+                        replica = _dp_unique(sub.replica_id, instance)
+                        p_off = sub.prepend_axis_num
+                        a, b = max(lo, sub_start), min(hi, sub_start + math.prod(sub.local_shape))
+                        for offset, shape, start in flat_blocks(sub.local_shape, a - sub_start, b - sub_start):
+                            at = sub_start + start - lo           # the block's first element in the rank's range
+                            n = math.prod(shape)
+                            goff = tuple(sub.global_offset[:p_off]) + tuple(
+                                g + o for g, o in zip(sub.global_offset[p_off:], offset))
+                            # Prepended axes (the layer index) become real axes of size 1: megatron-core
+                            # writes uneven shards through DCP, which takes the local shape as is.
+                            full = (1,) * p_off + tuple(shape)
+                            for key in _KEYS:
+                                entry[key][str(sub_start + start)] = dataclasses.replace(
+                                    sub, key=f"optimizer.state.{key}.{sub.key}", data=place(flats[key][at:at + n].view(full)),
+                                    dtype=torch.float32, local_shape=full, global_offset=goff, prepend_axis_num=0,
+                                    axis_fragmentations=None, replica_id=replica)
                     out[f"{gbuf_idx}.{i}"] = entry
             return out
 
@@ -141,23 +165,9 @@ def _subclass(base: type) -> type:
             group_index, group_order = self.model_param_group_index_map[model_param]
             main = self.optimizer.param_groups[group_index]["params"][group_order]
             rng = self._get_model_param_range_map(model_param)["param"]
+            if rng.end <= rng.start:
+                return None
             return main, self.optimizer.init_state(main)["momentum_buffer"], rng.start, rng.end
-
-        def _assemble(self, buffer) -> dict[str, torch.Tensor]:
-            """The buffer's whole fp32 main weights and momenta, from every DP rank's shard: each rank
-            writes its own ranges into zeros, one all-reduce sums the disjoint pieces."""
-            world = {key: torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.grad_data.device)
-                     for key in _KEYS}
-            for model_param, (start, _, _) in buffer.param_index_map.items():
-                local = self._local(model_param)
-                if local is None:
-                    continue
-                main, momentum, lo, hi = local
-                world["fp32_param"][start + lo:start + hi] = main.detach().reshape(-1)
-                world["momentum_buffer"][start + lo:start + hi] = momentum.reshape(-1)
-            packed = torch.cat([world[k] for k in _KEYS])
-            sum_across(packed, buffer.data_parallel_group)
-            return dict(zip(_KEYS, packed.split(buffer.numel)))
 
         @torch.no_grad()
         def _load_model_space(self, param_state: dict) -> None:
@@ -167,9 +177,21 @@ def _subclass(base: type) -> type:
                     if local is None:
                         continue
                     main, momentum, lo, hi = local
-                    entry = param_state[f"{gbuf_idx}.{i}"]
-                    main.copy_(entry["fp32_param"].reshape(-1)[lo:hi].view_as(main))
-                    momentum.copy_(entry["momentum_buffer"].reshape(-1)[lo:hi].view_as(momentum))
+                    entry = param_state.get(f"{gbuf_idx}.{i}")
+                    if entry is None:
+                        raise ValueError(f"checkpoint has no optimizer state for parameter {gbuf_idx}.{i} "
+                                         f"of shape {tuple(model_param.shape)}")
+                    for key, flat in (("fp32_param", main.view(-1)), ("momentum_buffer", momentum.view(-1))):
+                        covered = 0
+                        for start, block in entry[key].items():
+                            at, n = int(start) - lo, block.numel()
+                            dst = flat[at:at + n]
+                            if block.data_ptr() != dst.data_ptr():   # dist_checkpointing loaded into a copy
+                                dst.copy_(block.reshape(-1))
+                            covered += n
+                        if covered != hi - lo:
+                            raise ValueError(f"checkpoint {key} blocks of parameter {gbuf_idx}.{i} cover {covered} "
+                                             f"of this rank's {hi - lo} elements")
 
         def save_parameter_state(self, filename: str):
             raise NotImplementedError("MOGA's distributed-optimizer state is saved with dist_checkpointing "
@@ -181,3 +203,74 @@ def _subclass(base: type) -> type:
 
     MOGADistributedOptimizer.__qualname__ = f"MOGA{base.__name__}"
     return MOGADistributedOptimizer
+
+
+def flat_blocks(shape, lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:
+    """The row-major flat range [lo, hi) of a tensor of `shape`, as the fewest blocks that tile it:
+    [(offset, block shape, flat start)], each block a contiguous run (so a `.view` of the flat range),
+    at most 2·len(shape) - 1 of them (a partial row, whole rows, a partial row, recursively)."""
+    shape = tuple(shape)
+    if hi <= lo:
+        return []
+    if len(shape) <= 1:
+        return [((lo,) * len(shape), (hi - lo,) * len(shape), lo)]
+    inner = math.prod(shape[1:])
+    first, last = -(-lo // inner), hi // inner              # whole rows [first, last)
+    out = []
+    if first > last:                                           # inside one row
+        r = lo // inner
+        return [((r, *o), (1, *s), r * inner + st) for o, s, st in flat_blocks(shape[1:], lo - r * inner, hi - r * inner)]
+    if lo < first * inner:
+        r = first - 1
+        out += [((r, *o), (1, *s), r * inner + st) for o, s, st in flat_blocks(shape[1:], lo - r * inner, inner)]
+    if last > first:
+        out.append(((first,) + (0,) * (len(shape) - 1), (last - first, *shape[1:]), first * inner))
+    if hi > last * inner:
+        out += [((last, *o), (1, *s), last * inner + st) for o, s, st in flat_blocks(shape[1:], 0, hi - last * inner)]
+    return out
+
+
+def without_copies(sharded_state_dict: dict) -> dict:
+    """A sharded state dict to save, changed in place so that megatron-core's writer copies none of
+    its CPU tensors (see `exact_storage`): factories applied, every ShardedTensor's data an exact-
+    storage alias. Model weights are views of the DDP param buffer; without this, the DP rank that
+    writes them (the main replica) holds a second copy of the whole TP/PP-local model while saving."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_state_dict)
+
+    def alias(x):
+        if isinstance(x, ShardedTensor) and x.data is not None:
+            x.data = exact_storage(x.data.detach())
+        return x
+
+    dict_list_map_inplace(alias, sharded_state_dict)
+    return sharded_state_dict
+
+
+def _model_blocks(sh, model_param) -> list:
+    """[(ShardedTensor, flat start in the TP-local parameter)] of a model parameter: itself at 0, or,
+    for a ShardedTensorFactory (SwiGLU's fc1 is saved as two halves), the tensors its build_fn
+    makes, found by running it on a meta tensor and reading where each view starts."""
+    if hasattr(sh, "dtype"):                                   # a ShardedTensor
+        return [(sh, 0)]
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    probe = torch.empty(model_param.shape, dtype=torch.float32, device="meta")
+    subs = list(nested_values(sh.build_fn(sh.key, probe, sh.replica_id, None)))
+    out = []
+    for sub in subs:
+        if not hasattr(sub, "dtype") or not sub.data.is_contiguous():
+            raise ValueError(f"ShardedTensorFactory {sh.key!r} builds a non-contiguous or nested piece; "
+                             "MOGA's distributed-optimizer checkpoint cannot place its state")
+        out.append((sub, sub.data.storage_offset()))
+    return out
+
+
+def _dp_unique(replica_id, instance: int):
+    """The model's (PP, TP, DP) replica id with DP set to the optimizer instance: DP ranks hold
+    disjoint ranges, so each block has exactly one writer per TP/PP replica."""
+    if not (isinstance(replica_id, tuple) and len(replica_id) == 3):
+        raise ValueError(f"model ShardedTensor replica_id {replica_id!r}: expected (PP, TP, DP)")
+    return (*replica_id[:2], instance)

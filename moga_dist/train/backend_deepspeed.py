@@ -124,7 +124,10 @@ class DeepSpeedBackend:
         """Write this rank's files; returns its write errors (collected, not raised mid-save, so
         every rank reaches DeepSpeed's closing barrier)."""
         self.engine.checkpoint_engine.write_errors.clear()
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        if self.cfg.checkpoint.deepspeed_files or not self.model_space:
+            self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
         if self.model_space:
             from ..engines.deepspeed_checkpoint import save_model_space
 

@@ -210,7 +210,11 @@ class MegatronBackend:
         """Write the distributed checkpoint; raises on a failed write (no per-rank error list)."""
         from megatron.core import dist_checkpointing
 
-        dist_checkpointing.save({**self._sharded(False), "scheduler": self.scheduler.state_dict()}, str(directory))
+        from ..engines.megatron_distopt import without_copies
+
+        # without_copies: megatron-core's writer would otherwise copy every CPU view it writes.
+        dist_checkpointing.save(without_copies({**self._sharded(False), "scheduler": self.scheduler.state_dict()}),
+                                str(directory))
         return []
 
     def load(self, directory: Path) -> None:

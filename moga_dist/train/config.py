@@ -96,6 +96,10 @@ class CheckpointConfig:
     every: int = 200
     keep: int = 2
     resume: bool = True              # continue from <output_dir>/checkpoints/latest when present
+    # DeepSpeed + MOGA: also write DeepSpeed's own ZeRO files (for its tools, e.g. zero_to_fp32). They
+    # duplicate MOGA's model-space state (fp32 weights + momentum, 8 B/param on disk, and DeepSpeed's
+    # own save); false writes only the model-space state (model_space_weights replaces zero_to_fp32).
+    deepspeed_files: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +238,10 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"training.max_skipped_steps={t.max_skipped_steps}; allowed: >= 0")
     validate_data(cfg)
     p = cfg.parallel
+    if not cfg.checkpoint.deepspeed_files and (p.engine, cfg.optimizer.name) != ("deepspeed", "moga"):
+        raise ValueError(f"checkpoint.deepspeed_files=false with parallel.engine={p.engine!r}, optimizer.name="
+                         f"{cfg.optimizer.name!r}: allowed only with 'deepspeed' and 'moga' (the checkpoint is then "
+                         "MOGA's model-space state alone)")
     if p.engine not in ("deepspeed", "megatron"):
         raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
     if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):  # HF model: DP only

@@ -4,6 +4,12 @@
 estimated per-GPU memory (weights, gradients, fp32 master + MOGA momentum, activations) against the
 GPU it names. The estimate is first-order (no fragmentation, no framework buffers): it answers
 "does this layout plausibly fit", not "how much headroom is left".
+
+Formula, P = parameters / (TP x PP) on a GPU, DP data-parallel ranks, w = 2 (bf16) or 4 bytes:
+weights P*w; gradients P*w/DP at ZeRO >= 2 (else P*w; Megatron keeps an fp32 buffer, P*4);
+optimizer state per parameter 4 B (MOGA's momentum) or 8 B (AdamW's two moments), plus 4 B of fp32
+master weights under bf16, divided by DP at ZeRO >= 1 / the distributed optimizer; activations
+per Korthikanti et al. (2022) plus fp32 logits and their gradient.
 """
 from __future__ import annotations
 
@@ -32,12 +38,15 @@ def memory_estimate(cfg: RunConfig) -> dict:
     dp = data_parallel_size(cfg)
     shard = parameter_count(cfg) / (p.tensor_parallel * p.pipeline_parallel)
     wbytes = 2 if cfg.engine.bf16 else 4
+    # fp32 optimizer state per parameter: MOGA's momentum (4 B) or AdamW's two moments (8 B), plus
+    # the fp32 master weights (4 B) when the model is bf16.
+    state_bytes = (4 if cfg.optimizer.name == "moga" else 8) + (4 if cfg.engine.bf16 else 0)
     if p.engine == "deepspeed":                       # ZeRO-1 shards optimizer state, ZeRO-2 also grads
         grads = shard * wbytes / (dp if cfg.engine.zero_stage >= 2 else 1)
-        states = shard * (8 if cfg.engine.bf16 else 4) / (dp if cfg.engine.zero_stage >= 1 else 1)
+        states = shard * state_bytes / (dp if cfg.engine.zero_stage >= 1 else 1)
     else:                                             # Megatron DDP fp32 grad buffer; optimizer state
         grads = shard * 4                             # sharded by the distributed optimizer (zero_stage >= 1)
-        states = shard * (8 if cfg.engine.bf16 else 4) / (dp if cfg.engine.zero_stage >= 1 else 1)
+        states = shard * state_bytes / (dp if cfg.engine.zero_stage >= 1 else 1)
     # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it
     # is; with full recomputation only each layer's input is kept, plus one layer's working set.
     s, b, h, a = m.max_seq_len, t.micro_batch_size, m.hidden_size, m.num_heads

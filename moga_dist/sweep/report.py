@@ -57,8 +57,8 @@ def markdown(rows: list[dict], label: str = "") -> str:
     gs = groups(rows)
     wall, cpu = machine_time(rows)
     lines = [f"# Sweep summary{(' — ' + label) if label else ''}", "",
-             f"{len(rows)} finished runs in {len(gs)} groups; machine time {wall:.2f} h wall, {cpu:.2f} h CPU "
-             "(one core each, niced, on a shared 2-core machine).", "",
+             (f"{len(rows)} finished runs in {len(gs)} groups; machine time {wall:.2f} h wall, {cpu:.2f} h CPU "
+              "(one core each, niced, on a shared 2-core machine)."), "",
              "| optimizer | width | steps | tokens/param | best lr | held-out loss | LRs tried | bracketing |",
              "|---|---|---|---|---|---|---|---|"]
     for g in gs:
@@ -76,11 +76,11 @@ def markdown(rows: list[dict], label: str = "") -> str:
         note = {o: "" if (o, width, steps) not in best or best[(o, width, steps)]["bracketed"] else "*"
                 for o in loss}
 
-        def gap(o):
-            m, x = loss["moga-row"], loss[o]
-            return f"{100 * (m - x) / x:+.2f}%" if m is not None and x is not None else "-"
+        m = loss["moga-row"]
+        gaps = [f"{100 * (m - x) / x:+.2f}%" if m is not None and x is not None else "-"
+                for x in (loss["adamw"], loss["muon"])]
         cells = [f"{loss[o]:.4f}{note[o]}" if loss[o] is not None else "-" for o in loss]
-        lines.append(f"| {width} | {steps} | {' | '.join(cells)} | {gap('adamw')} | {gap('muon')} |")
+        lines.append(f"| {width} | {steps} | {' | '.join(cells)} | {' | '.join(gaps)} |")
     lines += ["", "`*`: that optimizer's best lr is not bracketed yet (its optimum may lie outside the LRs tried)."]
     return "\n".join(lines) + "\n"
 

@@ -90,7 +90,7 @@ def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> list[torch.optim.O
         return [MOGA(param_groups(model), lr=spec.lr, norm=name.split("-")[1], hidden_mult=spec.hidden_mult,
                      embedding_mult=spec.embedding_mult, head_mult=spec.head_mult, vector_mult=spec.vector_mult)]
     groups = {g["role"]: g["params"] for g in param_groups(model)}
-    adam = dict(betas=(0.9, 0.95), weight_decay=0.1)
+    adam = {"betas": (0.9, 0.95), "weight_decay": 0.1}
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=spec.lr, **adam)]
     if name == "adamw-mup":

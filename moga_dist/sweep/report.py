@@ -101,10 +101,13 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    decimal = FuncFormatter(lambda v, _: f"{v:.3g}")      # 0.004, not 2^-8
     opts = [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in rows)]
     horizons = sorted({r["steps"] for r in rows})
     widths = sorted({r["width"] for r in rows})
+    all_lrs = sorted({r["lr"] for r in rows})
     fig, axes = plt.subplots(len(horizons), len(opts), figsize=(4 * len(opts), 3.2 * len(horizons)),
                              squeeze=False, sharex=True)
     for i, steps in enumerate(horizons):
@@ -116,6 +119,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"width {w}")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(all_lrs)                            # the lattice LRs, labelled as decimals
+            ax.xaxis.set_major_formatter(decimal)
+            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
             ax.set_title(f"{opt}, {steps} steps", fontsize=9)
             if j == 0:
                 ax.set_ylabel("held-out loss (nats/byte)")
@@ -139,6 +145,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                            facecolors="none", edgecolors=line.get_color())     # ring: not bracketed
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(decimal)
+        ax.yaxis.set_major_formatter(decimal)
         ax.set_title(f"{opt}: best lr (ring = not bracketed)", fontsize=9)
         ax.set_xlabel("width")
         ax.legend(fontsize=7)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moga_dist.engines.megatron_lm import FLAGS, add_moga_args, settings_from_args, to_flags
-from moga_dist.train.config import load
+from moga_dist.train.config import load, moga_kwargs
 from moga_dist.train.engine_config import megatron_args
 
 PRESETS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml"))
@@ -47,7 +47,7 @@ def test_generated_megatron_lm_flags_select_moga_with_the_preset_settings(path):
     parser, real = _parser()
     args = parser.parse_args(flags) if real else parser.parse_known_args(flags)[0]
     assert args.optimizer == "moga"
-    want = {k: v for k, v in dataclasses.asdict(cfg.optimizer.moga).items()
+    want = {k: v for k, v in moga_kwargs(cfg.optimizer.moga).items()
             if k not in ("lr", "weight_decay") and v is not None and v is not False}
     assert settings_from_args(args) == want
     assert float(flags[flags.index("--lr") + 1]) == cfg.optimizer.moga.lr
@@ -55,9 +55,9 @@ def test_generated_megatron_lm_flags_select_moga_with_the_preset_settings(path):
 
 
 def test_every_moga_setting_but_lr_and_weight_decay_has_a_flag():
-    from moga_dist.train.config import MOGAConfig
+    from moga_dist.train.config import LR_PROVENANCE, MOGAConfig
 
-    settings = {f.name for f in dataclasses.fields(MOGAConfig)} - {"lr", "weight_decay"}
+    settings = {f.name for f in dataclasses.fields(MOGAConfig)} - {"lr", "weight_decay", *LR_PROVENANCE}
     assert settings == {f.setting for f in FLAGS}
 
 

@@ -1,128 +1,171 @@
-"""The sweep grid: run what the CSV lacks (in parallel, resumably), summarize, plot.
+"""The sweep grid: groups of cells, a resumable results file, the bracketing check.
+
+A *cell* is one run (RunSpec). A *group* is every cell that differs only in the learning rate:
+(optimizer, width, horizon, multipliers...). Results go to a JSONL file, one line appended and
+flushed per finished cell; a restart reads it back and runs only the cells it lacks. A cell killed
+mid-run leaves nothing (it reruns from scratch); a line cut off mid-write is ignored.
 
 Workers live here, not in __main__, so spawned processes can import them."""
 from __future__ import annotations
 
-import csv
 import json
+import math
 import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .runs import OPTIMIZERS, RunSpec
+from . import runs
+from .runs import RunSpec
 
-DEFAULT_LRS = {  # factor-2 grids around each optimizer's usual optimum, wide enough to see both sides
-    "moga-row": [2 ** k * 1e-3 for k in range(1, 8)], "moga-col": [2 ** k * 1e-3 for k in range(1, 8)],
-    "adamw": [2 ** k * 2.5e-4 for k in range(0, 7)], "adamw-mup": [2 ** k * 2.5e-4 for k in range(0, 7)],
-    "muon": [2 ** k * 2.5e-4 for k in range(0, 9)],     # its optimum sits higher at small widths
-}
-FIELDS = ["key", "optimizer", "width", "lr", "hidden_mult", "embedding_mult", "head_mult", "vector_mult",
-          "steps", "val_loss", "train_loss", "diverged", "curve"]
+LR_UNIT = 1e-3                  # every grid lies on the lattice LR_UNIT * 2**k, so horizons share LRs
+CENTER_K_AT_300 = {"moga-row": 4, "moga-col": 3, "adamw": 2, "adamw-mup": 3, "muon": 3}
+HORIZON_SLOPE = 0.35            # prior: the best lr falls ~ steps**-0.35 (issue 24's 300 -> 16k numbers)
+CORPUS = ("kjv", 0.02, 1234)    # corpus, held-out fraction (the tail), batch seed
+
+
+def lattice(k: int) -> float:
+    return LR_UNIT * 2.0 ** k
+
+
+def lattice_k(lr: float) -> int:
+    return round(math.log2(lr / LR_UNIT))
+
+
+def default_lrs(optimizer: str, steps: int, points: int = 5) -> list[float]:
+    """`points` lattice LRs a factor 2 apart, centred on a prior guess of the optimum at this horizon."""
+    centre = round(CENTER_K_AT_300[optimizer] - HORIZON_SLOPE * math.log2(steps / 300))
+    lo = centre - (points - 1) // 2
+    return [lattice(k) for k in range(lo, lo + points)]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells that differ only in lr: `base` (its lr is ignored) and the LRs to run first."""
+    base: RunSpec
+    lrs: tuple[float, ...]
+
+    def cells(self) -> list[RunSpec]:
+        # centre-out: a group cut short still has its most likely optimum and both neighbours
+        mid = (len(self.lrs) - 1) / 2
+        return [replace(self.base, lr=lr) for _, lr in sorted(enumerate(self.lrs), key=lambda t: (abs(t[0] - mid), t[0]))]
+
+
+def group_key(spec_or_row) -> str:
+    spec = spec_or_row if isinstance(spec_or_row, RunSpec) else spec_from_row(spec_or_row)
+    return replace(spec, lr=0.0).key()
+
+
+def spec_from_row(row: dict) -> RunSpec:
+    names = RunSpec.__dataclass_fields__
+    return RunSpec(**{k: row[k] for k in names if k in row})
+
+
+def plan(optimizers, widths, horizons, base: RunSpec, points: int = 5, lrs=None) -> list[Group]:
+    """Groups in the order they should finish: horizon ascending, then width, then optimizer.
+
+    horizons: [("steps", n) | ("tokens_per_param", x)], resolved to steps per width."""
+    groups = []
+    resolved = []
+    for kind, value in horizons:
+        for w in widths:
+            spec = replace(base, width=w)
+            steps = int(value) if kind == "steps" else runs.steps_for_tokens_per_param(spec, value)
+            resolved.append((steps, w))
+    for steps, w in sorted(set(resolved), key=lambda t: (t[0], t[1])):
+        for o in optimizers:
+            grid = tuple(lrs) if lrs else tuple(default_lrs(o, steps, points))
+            groups.append(Group(replace(base, optimizer=o, width=w, steps=steps), grid))
+    return groups
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """{key: row} from a results JSONL; lines that do not parse (a write cut off by a kill) are skipped."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "key" in row and "val_loss" in row:
+                done[row["key"]] = row
+    return done
+
+
+def bracket(rows: list[dict]) -> dict:
+    """The best lr of one group's rows and whether a worse (or diverged) lr lies on both sides.
+
+    Returns {"best": row | None, "lower": bool, "upper": bool, "bracketed": bool}."""
+    pts = sorted(rows, key=lambda r: r["lr"])
+    finite = [r for r in pts if not r["diverged"] and math.isfinite(r["val_loss"])]
+    if not finite:
+        return {"best": None, "lower": False, "upper": False, "bracketed": False}
+    best = min(finite, key=lambda r: r["val_loss"])
+    i = pts.index(best)
+    lower = i > 0 and (pts[i - 1]["diverged"] or pts[i - 1]["val_loss"] > best["val_loss"])
+    upper = i < len(pts) - 1 and (pts[i + 1]["diverged"] or pts[i + 1]["val_loss"] > best["val_loss"])
+    return {"best": best, "lower": lower, "upper": upper, "bracketed": lower and upper}
+
+
+def _row(spec: RunSpec, res: dict) -> dict:
+    params = runs.parameter_count(spec)
+    return {"key": spec.key(), **asdict(spec), "params": params, "tokens_per_step": spec.tokens_per_step,
+            "tokens_per_param": round(spec.steps * spec.tokens_per_step / params, 2), **res,
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _work(args):
     spec, corpus_args = args
     from ..train.data import ByteCorpus
-    from .runs import run
 
-    corpus = ByteCorpus(*corpus_args)
-    return spec, run(spec, corpus)
+    return spec, runs.run(spec, ByteCorpus(*corpus_args))
 
 
-def execute(specs: list[RunSpec], csv_path: Path, jobs: int) -> list[dict]:
-    """Run what the CSV does not hold yet (appending each result as it finishes); return all rows."""
-    from tqdm.auto import tqdm
+def execute(groups: list[Group], path: Path, jobs: int = 1, extend: int = 0, log=print) -> list[dict]:
+    """Run every cell the results file lacks, group by group in order; with `extend` > 0, add up to
+    that many lattice LRs beyond a group's edge until its best lr is bracketed. Returns the rows of
+    all groups' cells (finished before or now)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_results(path)
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with open(path, "a") as fh:             # a line cut off by a kill: end it, the reader skips it
+            fh.write("\n")
+    corpus_args = (CORPUS[0], groups[0].base.seq_len if groups else 128, *CORPUS[1:])
+    corpus = None
+    pool = mp.get_context("spawn").Pool(jobs) if jobs > 1 else None
+    try:
+        for gi, group in enumerate(groups):
+            todo = [c for c in group.cells() if c.key() not in done]
+            extra = 0
+            while True:
+                if todo:
+                    log(f"group {gi + 1}/{len(groups)} {group.base.optimizer} width {group.base.width} "
+                        f"steps {group.base.steps}: {len(todo)} cell(s) to run")
+                if pool is None and todo and corpus is None:
+                    from ..train.data import ByteCorpus
 
-    done = {}
-    if csv_path.exists():
-        with open(csv_path, newline="") as fh:
-            done = {row["key"]: row for row in csv.DictReader(fh)}
-    todo = [s for s in specs if s.key() not in done]
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not csv_path.exists()
-    corpus_args = ("kjv", specs[0].seq_len if specs else 128, 0.02, 1234)
-    with open(csv_path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            for spec, res in tqdm(pool.imap_unordered(_work, [(s, corpus_args) for s in todo]), total=len(todo),
-                                  desc=f"runs ({len(specs) - len(todo)} already done)", unit="run"):
-                row = {"key": spec.key(), "optimizer": spec.optimizer, "width": spec.width, "lr": spec.lr,
-                       "hidden_mult": spec.hidden_mult, "embedding_mult": spec.embedding_mult,
-                       "head_mult": spec.head_mult, "vector_mult": spec.vector_mult, "steps": spec.steps,
-                       "val_loss": res["val_loss"], "train_loss": res["train_loss"], "diverged": res["diverged"],
-                       "curve": json.dumps([round(v, 4) for v in res["curve"]])}
-                writer.writerow(row)
-                fh.flush()
-                done[row["key"]] = {k: str(v) for k, v in row.items()}    # as read back from the CSV
-    return [done[s.key()] for s in specs]
-
-
-def best_by(rows: list[dict], *group: str) -> dict:
-    """{group values: row with the lowest validation loss}."""
-    out: dict = {}
-    for r in rows:
-        k = tuple(r[g] for g in group)
-        if k not in out or float(r["val_loss"]) < float(out[k]["val_loss"]):
-            out[k] = r
-    return out
-
-
-def report(rows: list[dict], out_dir: Path) -> str:
-    """Text summary: best lr (and its grid index) and loss per optimizer and width."""
-    lines = [f"{'optimizer':<11}{'width':>6}{'best lr':>10}{'grid idx':>9}{'val loss':>10}{'edge?':>7}"]
-    for (opt, width), r in sorted(best_by(rows, "optimizer", "width").items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
-        lrs = sorted({float(x["lr"]) for x in rows if x["optimizer"] == opt and x["width"] == width})
-        i = lrs.index(float(r["lr"]))
-        lines.append(f"{opt:<11}{int(width):>6}{float(r['lr']):>10.2e}{i:>9}{float(r['val_loss']):>10.4f}"
-                     f"{'yes' if i in (0, len(lrs) - 1) else '':>7}")
-    text = "\n".join(lines)
-    (out_dir / "summary.txt").write_text(text + "\n")
-    return text
-
-
-def plot(rows: list[dict], out_dir: Path) -> list[Path]:
-    """loss_vs_lr.png (a panel per optimizer, a line per width) and curves.png (best-lr curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    opts = [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in rows)]
-    widths = sorted({int(r["width"]) for r in rows})
-    fig, axes = plt.subplots(1, len(opts), figsize=(4 * len(opts), 3.6), sharey=True, squeeze=False)
-    for ax, opt in zip(axes[0], opts):
-        for w in widths:
-            pts = sorted((float(r["lr"]), float(r["val_loss"])) for r in rows
-                         if r["optimizer"] == opt and int(r["width"]) == w and r["diverged"] in ("False", False))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"width {w}")
-        ax.set_xscale("log", base=2)
-        ax.set_title(opt)
-        ax.set_xlabel("peak learning rate")
-    axes[0][0].set_ylabel("validation loss (bytes)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    paths = [out_dir / "loss_vs_lr.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
-
-    best = best_by(rows, "optimizer", "width")
-    fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.4), sharey=True, squeeze=False)
-    for ax, w in zip(axes[0], widths):
-        for opt in opts:
-            r = best.get((opt, str(w))) or best.get((opt, w))
-            if r:
-                ax.plot(json.loads(r["curve"]), label=f"{opt} lr={float(r['lr']):.1e}", linewidth=1)
-        ax.set_title(f"width {w}: best-lr training curves")
-        ax.set_xlabel("step")
-        ax.set_ylim(top=3.5)
-    axes[0][0].set_ylabel("training loss")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "curves.png")
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
-    return paths
-
-
+                    corpus = ByteCorpus(*corpus_args)
+                results = pool.imap_unordered(_work, [(c, corpus_args) for c in todo]) if pool else \
+                    ((c, runs.run(c, corpus)) for c in todo)
+                for spec, res in results:
+                    row = _row(spec, res)
+                    with open(path, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                        fh.flush()
+                    done[row["key"]] = row
+                    log(f"  lr {spec.lr:.3g}: held-out loss {res['val_loss']:.4f} ({res['seconds']:.0f} s)")
+                gk = group_key(group.base)
+                mine = [r for r in done.values() if group_key(r) == gk]
+                b = bracket(mine)
+                if b["bracketed"] or b["best"] is None or extra >= extend:
+                    break
+                lrs = sorted(r["lr"] for r in mine)
+                nxt = lattice(lattice_k(lrs[0]) - 1) if not b["lower"] else lattice(lattice_k(lrs[-1]) + 1)
+                todo, extra = [replace(group.base, lr=nxt)], extra + 1
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    keys = {group_key(g.base) for g in groups}
+    return [r for r in done.values() if group_key(r) in keys]

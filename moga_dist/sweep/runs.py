@@ -1,11 +1,14 @@
-"""One short single-process LLaMA pretraining run per (optimizer, width, lr, multipliers).
+"""One single-process LLaMA pretraining run per (optimizer, width, lr, horizon, multipliers).
 
 All runs see the same batches of the shipped corpus (byte tokens), so losses are comparable across
-widths and optimizers. Depth and head dimension stay fixed while the width grows.
+widths, horizons and optimizers; every run is scored on the same held-out tail of the corpus
+(ByteCorpus's validation split, never trained on). Depth and head dimension stay fixed while the
+width grows.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,11 +16,14 @@ import torch
 from ..train.data import ByteCorpus
 
 OPTIMIZERS = ("moga-row", "moga-col", "adamw", "adamw-mup", "muon")
+CURVE_POINTS = 300          # the stored training curve is averaged down to at most this many points
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One grid point; `key()` names it in the results CSV (finished runs are not redone)."""
+    """One grid point (a "cell"); `key()` names it in the results file (finished cells are not redone).
+
+    `steps` is the horizon; `tokens_per_step` = batch * seq_len."""
     optimizer: str
     width: int
     lr: float
@@ -32,9 +38,14 @@ class RunSpec:
     embedding_mult: float = 1.0
     head_mult: float = 1.0
     vector_mult: float = 1.0
+    eval_windows: int = 0       # held-out windows of seq_len scored at the end; 0: the whole split
 
     def key(self) -> str:
         return "|".join(f"{k}={v}" for k, v in asdict(self).items())
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
 
 
 def build_model(spec: RunSpec) -> torch.nn.Module:
@@ -49,10 +60,29 @@ def build_model(spec: RunSpec) -> torch.nn.Module:
         tie_word_embeddings=False))
 
 
+_PARAMS: dict[tuple, int] = {}
+
+
+def parameter_count(spec: RunSpec) -> int:
+    """Parameters of the spec's model (embeddings and head included), cached per shape."""
+    shape = (spec.width, spec.layers, spec.head_dim, spec.seq_len)
+    if shape not in _PARAMS:
+        with torch.device("meta"):
+            _PARAMS[shape] = sum(p.numel() for p in build_model(spec).parameters())
+    return _PARAMS[shape]
+
+
+def steps_for_tokens_per_param(spec: RunSpec, tokens_per_param: float) -> int:
+    """The horizon (steps) at which the spec's model sees `tokens_per_param` training tokens per parameter."""
+    if not tokens_per_param > 0:
+        raise ValueError(f"tokens_per_param={tokens_per_param}: allowed a number > 0")
+    return max(1, round(tokens_per_param * parameter_count(spec) / spec.tokens_per_step))
+
+
 def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     """The optimizer(s) for one run. adamw-mup scales hidden and head LRs by base_width / width
     (μP for Adam); muon updates hidden matrices with torch.optim.Muon (AdamW-matched RMS, Moonlight's
-    0.2·sqrt(max dim) rule) and the rest with AdamW at the same lr."""
+    0.2·sqrt(max dim) rule) and the rest (embeddings, head, vectors) with AdamW at the same lr."""
     from .. import MOGA, param_groups
 
     name = spec.optimizer
@@ -60,7 +90,7 @@ def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> list[torch.optim.O
         return [MOGA(param_groups(model), lr=spec.lr, norm=name.split("-")[1], hidden_mult=spec.hidden_mult,
                      embedding_mult=spec.embedding_mult, head_mult=spec.head_mult, vector_mult=spec.vector_mult)]
     groups = {g["role"]: g["params"] for g in param_groups(model)}
-    adam = dict(betas=(0.9, 0.95), weight_decay=0.1)
+    adam = {"betas": (0.9, 0.95), "weight_decay": 0.1}
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=spec.lr, **adam)]
     if name == "adamw-mup":
@@ -75,14 +105,39 @@ def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> list[torch.optim.O
     raise ValueError(f"optimizer {name!r}; allowed: {list(OPTIMIZERS)}")
 
 
-def run(spec: RunSpec, corpus: ByteCorpus, eval_batches: int = 8) -> dict:
-    """Train `spec.steps` steps (linear warmup 10%, cosine to 10%); return losses and the curve."""
+def held_out_loss(model: torch.nn.Module, corpus: ByteCorpus, seq_len: int, windows: int, batch: int = 64) -> float:
+    """Mean next-byte loss over non-overlapping [seq_len] windows from the start of the validation
+    split (all of it when windows == 0): deterministic, and the same text for every run."""
+    n = len(corpus.val) // seq_len
+    n = min(n, windows) if windows else n
+    data = corpus.val[:n * seq_len].view(n, seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            x = data[i:i + batch]
+            total += model(input_ids=x, labels=x).loss.item() * len(x)
+    return total / n
+
+
+def run(spec: RunSpec, corpus: ByteCorpus) -> dict:
+    """Train `spec.steps` steps (linear warmup 10%, cosine to 10%); return held-out loss, the mean
+    training loss of the last 10% of steps, the (averaged) curve and the wall/CPU seconds taken."""
     torch.set_num_threads(1)
+    wall, cpu = time.perf_counter(), time.process_time()
     model = build_model(spec)
     optimizers = build_optimizer(spec, model)
     warmup = max(1, spec.steps // 10)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    curve = []
+    losses = []
+
+    def result(val: float, diverged: bool) -> dict:
+        every = max(1, math.ceil(len(losses) / CURVE_POINTS))
+        curve = [sum(losses[i:i + every]) / len(losses[i:i + every]) for i in range(0, len(losses), every)]
+        tail = losses[-max(1, spec.steps // 10):] if not diverged else []
+        return {"val_loss": val, "train_loss": sum(tail) / len(tail) if tail else float("inf"), "diverged": diverged,
+                "curve": curve, "curve_every": every, "seconds": time.perf_counter() - wall,
+                "cpu_seconds": time.process_time() - cpu}
+
     for step in range(spec.steps):
         frac = (step + 1) / warmup if step < warmup else \
             0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, spec.steps - warmup)))
@@ -99,13 +154,10 @@ def run(spec: RunSpec, corpus: ByteCorpus, eval_batches: int = 8) -> dict:
             for opt in optimizers:
                 opt.step()
         except ValueError:                      # MOGA refuses non-finite gradients: a divergence
-            return {"val_loss": float("inf"), "train_loss": float("inf"), "curve": curve, "diverged": True}
+            return result(float("inf"), True)
         value = loss.item()
         if not math.isfinite(value):
-            return {"val_loss": float("inf"), "train_loss": float("inf"), "curve": curve, "diverged": True}
-        curve.append(value)
-    with torch.no_grad():
-        val = [model(input_ids=x, labels=x).loss.item()
-               for x in (corpus.batch(0, i, 0, spec.batch, split="val") for i in range(eval_batches))]
-    tail = curve[-max(1, spec.steps // 10):]
-    return {"val_loss": sum(val) / len(val), "train_loss": sum(tail) / len(tail), "curve": curve, "diverged": False}
+            return result(float("inf"), True)
+        losses.append(value)
+    val = held_out_loss(model, corpus, spec.seq_len, spec.eval_windows)
+    return result(val, not math.isfinite(val))

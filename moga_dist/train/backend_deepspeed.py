@@ -5,7 +5,6 @@ With MOGA a checkpoint also holds MOGA's state in model space (engines/deepspeed
 which is what a resume loads: it may then run at another data-parallel world size."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import META, CheckpointError
-from .config import RunConfig
+from .config import RunConfig, moga_kwargs
 from .engine_config import deepspeed_config
 from .dist_env import cpu_threads
 from .safe_load import safe_checkpoint_engine
@@ -63,7 +62,7 @@ class DeepSpeedBackend:
             from .. import MOGA, param_groups
             from ..engines.deepspeed import initialize
 
-            optimizer = MOGA(param_groups(model), **dataclasses.asdict(cfg.optimizer.moga))
+            optimizer = MOGA(param_groups(model), **moga_kwargs(cfg.optimizer.moga))
             self.engine = initialize(model=model, optimizer=optimizer, config=ds_cfg)[0]
         else:
             self.engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)[0]

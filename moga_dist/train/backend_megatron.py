@@ -6,14 +6,13 @@ Megatron-core needs CUDA; on CPU only the tests drive it, after applying their o
 (tests/megatron_support.py) and passing allow_cpu=True."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as nnf
 
-from .config import RunConfig
+from .config import RunConfig, moga_kwargs
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -103,7 +102,7 @@ class MegatronBackend:
         ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=distributed_optimizer), model)
-        moga = dataclasses.asdict(cfg.optimizer.moga)
+        moga = moga_kwargs(cfg.optimizer.moga)
         lr, wd = moga.pop("lr"), moga.pop("weight_decay")
         optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="moga", lr=lr, min_lr=lr * t.min_lr_ratio, weight_decay=wd,

@@ -46,6 +46,21 @@ class MOGAConfig:
     base_width: float | None = None
     eps: float = 1e-8
     lookahead: float | None = None
+    # Where `lr` comes from (not MOGA arguments; `python -m moga_dist.train.engine_config --explain`):
+    # the width, horizon and tokens/parameter it was tuned at, and the rule that moved it here.
+    tuned_width: int | None = None
+    tuned_steps: int | None = None
+    tuned_tokens_per_param: float | None = None
+    lr_rule: str = "none"            # "none": used as tuned, moved by no width or horizon rule
+
+
+LR_PROVENANCE = ("tuned_width", "tuned_steps", "tuned_tokens_per_param", "lr_rule")
+LR_RULES = ("none",)
+
+
+def moga_kwargs(moga: MOGAConfig) -> dict:
+    """[optimizer.moga] as moga_dist.MOGA keyword arguments (the LR-provenance fields left out)."""
+    return {k: v for k, v in dataclasses.asdict(moga).items() if k not in LR_PROVENANCE}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +249,8 @@ def validate(cfg: RunConfig) -> None:
     for name, value in (("optimizer.moga.lr", cfg.optimizer.moga.lr), ("optimizer.adamw.lr", cfg.optimizer.adamw.lr)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value}: allowed a finite number >= 0")
+    if cfg.optimizer.moga.lr_rule not in LR_RULES:
+        raise ValueError(f"optimizer.moga.lr_rule={cfg.optimizer.moga.lr_rule!r}; allowed: {list(LR_RULES)}")
     if t.max_skipped_steps < 0:
         raise ValueError(f"training.max_skipped_steps={t.max_skipped_steps}; allowed: >= 0")
     validate_data(cfg)

@@ -1,11 +1,10 @@
 """The DeepSpeed JSON, generated from a RunConfig (never hand-copied next to the preset)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
-from .config import RunConfig, accumulation_steps
+from .config import RunConfig, accumulation_steps, moga_kwargs
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
@@ -42,7 +41,7 @@ def megatron_args(cfg: RunConfig) -> list[str]:
         raise ValueError(f"optimizer.name={cfg.optimizer.name!r}: Megatron-LM flags are generated for 'moga' only "
                          "(an AdamW baseline is Megatron-LM's own --optimizer adam with its own flags)")
     m, t, p = cfg.model, cfg.training, cfg.parallel
-    moga = dataclasses.asdict(cfg.optimizer.moga)
+    moga = moga_kwargs(cfg.optimizer.moga)
     lr, weight_decay = moga.pop("lr"), moga.pop("weight_decay")
     args = ["--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.intermediate_size,
             "--num-attention-heads", m.num_heads, "--seq-length", m.max_seq_len,
@@ -82,9 +81,9 @@ def _megatron_data_args(cfg: RunConfig) -> list:
 
 
 def main(argv=None) -> int:
-    """`python -m moga_dist.train.engine_config --config X.toml [--world-size N] [--megatron]`:
-    print the DeepSpeed JSON (or the Megatron flags) generated from the preset. Bad input: one line
-    on stderr, exit 2."""
+    """`python -m moga_dist.train.engine_config --config X.toml [--world-size N] [--megatron | --explain]`:
+    print the DeepSpeed JSON (or the Megatron flags, or the lr's derivation) generated from the preset.
+    Bad input: one line on stderr, exit 2."""
     import argparse
 
     from .config import load
@@ -93,12 +92,19 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--world-size", type=int, default=None, help="default: the preset's data-parallel size")
     ap.add_argument("--megatron", action="store_true", help="print Megatron-LM flags instead")
+    ap.add_argument("--explain", action="store_true",
+                    help="print where [optimizer.moga] lr comes from (tuned-at width/horizon, rule) instead")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
     from .config import data_parallel_size
 
     try:
         cfg = load(args.config, args.set)
+        if args.explain:
+            from .lr_provenance import explain
+
+            print(explain(cfg))
+            return 0
         out = " ".join(megatron_args(cfg)) if args.megatron else \
             json.dumps(deepspeed_config(cfg, args.world_size or data_parallel_size(cfg)), indent=2)
     except (ValueError, OSError) as exc:

@@ -90,7 +90,7 @@ def measure_engine(preset: str, engine: str, optimizer: str, steps: int, work: P
 
     out = work / f"{engine}_{optimizer}"
     common = ENGINES[engine] + [f"optimizer.name='{optimizer}'", f"output_dir='{out}'", f"training.steps={steps + 1}",
-                                f"checkpoint.every={steps}", "data.corpus='kjv'"]
+                                f"checkpoint.every={steps}", "data.paths=['kjv']"]
     first = _spawn(preset, common + [f"training.stop_at_step={steps}"], work / "first.json")
     second = _spawn(preset, common, work / "second.json")
     ckpt = out / "checkpoints" / f"step{steps:08d}"

@@ -104,6 +104,9 @@ class DataConfig:
     split: str = "98,1,1"            # train, validation, test shares of each dataset's documents
     tokenizer: str = "bytes"         # "bytes", "kjv-bpe", a tokenizer.json / HF directory / SentencePiece .model
     cache_dir: str = ""              # document/sample/shuffle index cache ("": <output_dir>/data_cache)
+    # true: model.vocab_size may exceed the tokenizer's padded vocabulary (rows no id reaches). Only for
+    # rehearsals that need a real-size embedding on the shipped data (configs/llama_350m_cpu.toml).
+    oversized_vocab: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,7 +303,8 @@ def validate_data(cfg: RunConfig) -> None:
         shares = []
     if not 1 <= len(shares) <= 3 or any(not math.isfinite(x) or x < 0 for x in shares) or not sum(shares[:1]) > 0:
         raise ValueError(f"data.split={d.split!r}: allowed up to three numbers >= 0, train first and > 0, e.g. '98,1,1'")
-    if d.tokenizer == "bytes" and not 256 <= m.vocab_size <= padded_vocab(256, cfg.parallel.tensor_parallel):
+    top = m.vocab_size if d.oversized_vocab else padded_vocab(256, cfg.parallel.tensor_parallel)
+    if d.tokenizer == "bytes" and not 256 <= m.vocab_size <= top:
         raise ValueError(f"model.vocab_size={m.vocab_size} with data.tokenizer='bytes' (vocabulary 256): set "
                          "data.tokenizer to the tokenizer your data was prepared with (a tokenizer.json, a Hugging "
                          "Face tokenizer directory or a SentencePiece .model), or model.vocab_size = 256")

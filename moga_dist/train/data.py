@@ -43,10 +43,12 @@ def plan_data(cfg) -> DataPlan:
     d, m, tp = cfg.data, cfg.model, cfg.parallel.tensor_parallel
     tok = Tokenizer(resolve_tokenizer(d.tokenizer))
     top = padded_vocab(tok.vocab_size, tp)
-    if not tok.vocab_size <= m.vocab_size <= top:
+    if not tok.vocab_size <= m.vocab_size <= (m.vocab_size if d.oversized_vocab else top):
         raise ValueError(f"model.vocab_size={m.vocab_size} but data.tokenizer={d.tokenizer!r} has {tok.vocab_size:,} "
                          f"tokens: allowed {tok.vocab_size} to {top} (the tokenizer's vocabulary padded to a multiple "
-                         f"of 128 x tensor_parallel, as Megatron-LM pads it); set model.vocab_size = {top}")
+                         f"of 128 x tensor_parallel, as Megatron-LM pads it); set model.vocab_size = {top}"
+                         + (" (data.oversized_vocab = true allows a larger one for a memory rehearsal)"
+                            if m.vocab_size > top else ""))
     prefixes, tokens = [], []
     for path in d.paths:
         prefix = resolve_prefix(path, tok)

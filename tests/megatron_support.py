@@ -125,3 +125,19 @@ def tiny_config(**overrides):
                   hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
                   masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False)
     return TransformerConfig(**{**fields, **overrides})
+
+
+def tiny_gpt_ddp(cfg, *, vocab_size, seq_len, distributed_optimizer, seed):
+    """A GPTModel (local RMSNorm spec, RoPE, untied head) of `cfg` seeded with `seed`, wrapped in
+    megatron-core's DDP with fp32 gradient reduction: (model, ddp)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    torch.manual_seed(seed)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=vocab_size, max_sequence_length=seq_len, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer), model)
+    return model, ddp

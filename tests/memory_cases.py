@@ -13,21 +13,14 @@ SIZES = {"small": (256, 4, 704), "large": (768, 6, 2048)}
 
 def _megatron(hidden, layers, ffn):
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig
 
     import megatron_support
     import moga_dist.engines.megatron as moga_megatron
 
     cfg = megatron_support.tiny_config(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn)
-    torch.manual_seed(0)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True), model)
+    model, ddp = megatron_support.tiny_gpt_ddp(cfg, vocab_size=VOCAB, seq_len=SEQ, distributed_optimizer=True, seed=0)
     opt = moga_megatron.get_megatron_optimizer(
         OptimizerConfig(optimizer="moga", lr=0.01, weight_decay=0.0, use_distributed_optimizer=True), [ddp],
         moga={"momentum": 0.9, "norm": "col"})

@@ -223,11 +223,13 @@ class MOGA(torch.optim.Optimizer):
         """Re-derive what MOGA knows about the tensors now in its groups; run before each step
         program build. A DTensor put into the groups after construction (Accelerate's FSDP2 swaps
         every parameter for one) gets its layout from its placements, and registered engine
-        adopters (core/adopters.py: torch FSDP1) map their engine's tensors."""
+        adopters (core/adopters.py: torch FSDP1) map their engine's tensors; matrices still without a
+        role take their model's roles (core/roles.py)."""
         if declare_swapped_dtensors(self):
             self.invalidate()
         for adopt in ADOPTERS:
             adopt(self)
+        resolve_missing_roles(self)     # role-less matrices left: the model's roles, or one warning
 
     def layout_of(self, tensor: torch.Tensor) -> ShardLayout:
         """The tensor's declared layout (a whole tensor unless one was declared)."""
@@ -292,7 +294,6 @@ class MOGA(torch.optim.Optimizer):
                 loss = closure()
         if self._suspended:
             return loss
-        resolve_missing_roles(self)     # role-less matrices: the model's roles, or one warning
         program = self._programs.get(self)
         if not program.pieces and not self.tensors.ghosts and not self.reducer.stage:
             return loss

@@ -81,8 +81,32 @@ def markdown(rows: list[dict], label: str = "") -> str:
                 for x in (loss["adamw"], loss["muon"])]
         cells = [f"{loss[o]:.4f}{note[o]}" if loss[o] is not None else "-" for o in loss]
         lines.append(f"| {width} | {steps} | {' | '.join(cells)} | {' | '.join(gaps)} |")
-    lines += ["", "`*`: that optimizer's best lr is not bracketed yet (its optimum may lie outside the LRs tried)."]
+    lines += ["", "`*`: that optimizer's best lr is not bracketed yet (its optimum may lie outside the LRs tried).", ""]
+    lines += fit_section(rows)
     return "\n".join(lines) + "\n"
+
+
+def fit_section(rows: list[dict]) -> list[str]:
+    """Interpolated optima per bracketed group and the fitted lr rule per optimizer (sweep/fit.py)."""
+    from .fit import fit, optima
+
+    ops = optima(rows)
+    if not ops:
+        return []
+    lines = ["## How the best lr moves", "",
+             "Interpolated optimum of each bracketed group (vertex of a parabola in log2 lr through the best "
+             "lattice lr and its neighbours):", "",
+             "| optimizer | width | steps | tokens/param | best lattice lr | interpolated optimum |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {o.optimizer} | {o.width} | {o.steps} | {o.tokens_per_param:.1f} | {o.lattice_lr:.3g} | "
+              f"{o.lr:.3g} |" for o in ops]
+    lines += ["", "Least-squares rule per optimizer, `log2 lr* = a + b log2(tokens/param) + c log2(width)` "
+              "(a single seed per cell: the rms error says how far one cell's optimum sits from the rule):", ""]
+    for opt in OPTIMIZERS:
+        rule = fit(rows, opt)
+        if rule is not None:
+            lines.append(f"- {rule.describe()}")
+    return lines
 
 
 def export_csv(rows: list[dict], path: Path) -> None:

@@ -60,3 +60,68 @@ def test_the_loop_uses_only_the_protocol_members():
                  or (isinstance(n.value, ast.Attribute) and n.value.attr == "backend"))}
     assert used and used <= set(MEMBERS), used - set(MEMBERS)
 
+
+# ----- the one table of MOGA's hyper-parameters ----------------------------------------------
+import dataclasses  # noqa: E402
+import re  # noqa: E402
+
+from moga_dist import MOGA  # noqa: E402
+from moga_dist.core import reference  # noqa: E402
+from moga_dist.core.hparams import BY_NAME, DEFAULTS, HPARAMS  # noqa: E402
+
+PACKAGE = TRAIN.parent
+
+
+def test_moga_signature_spells_the_table_in_its_order_with_its_defaults():
+    params = [p for p in inspect.signature(MOGA.__init__).parameters.values()
+              if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "params")]
+    assert [(p.name, p.default) for p in params] == [(h.name, h.default) for h in HPARAMS]
+
+
+def test_every_other_spelling_is_derived_from_the_table():
+    from moga_dist.engines.megatron_lm import FLAGS
+    from moga_dist.sweep.runs import MOGA_SETTINGS, RunSpec
+    from moga_dist.train.config import LR_PROVENANCE, MOGAConfig
+
+    assert reference.DEFAULTS == DEFAULTS
+    moga = [f for f in dataclasses.fields(MOGAConfig) if f.name not in LR_PROVENANCE]
+    assert [(f.name, f.type, f.default) for f in moga] == [(h.name, h.annotation, h.default) for h in HPARAMS]
+    assert [(f.setting, f.type, f.help) for f in FLAGS] == [(h.name, h.type, h.help) for h in HPARAMS
+                                                            if h.name not in ("lr", "weight_decay")]
+    spec = {f.name: f for f in dataclasses.fields(RunSpec)}
+    for name in MOGA_SETTINGS:
+        assert spec[name].type == BY_NAME[name].annotation, name
+        # The sweep's own choices: lr is given per cell, hidden_mult is 5.0 (its results' keys say so).
+        want = {"lr": dataclasses.MISSING, "hidden_mult": 5.0}.get(name, BY_NAME[name].default)
+        assert spec[name].default == want, name
+
+
+def _literal_settings(text: str) -> set[str]:
+    """Table names given a literal value in `text` (`name: type = 1.0`, `name=1.0`, `"name": 1.0`)."""
+    names = "|".join(h.name for h in HPARAMS)
+    literal = r"""(?:-?\d[\d.e+-]*|None|True|False|"[^"\n]*"|'[^'\n]*')"""
+    pattern = rf"""(?<![\w.])["']?({names})["']?\s*(?::\s*[\w\[\]|. ]+)?\s*[=:]\s*{literal}\s*[,)\n]"""
+    return set(re.findall(pattern, text))
+
+
+def test_no_module_spells_out_a_sixth_copy_of_the_hyper_parameters():
+    # A copy shows as a file giving literal values to several of MOGA's settings; the table and
+    # MOGA's explicit signature (held to the table above) are the only ones allowed.
+    allowed = {PACKAGE / "core" / "hparams.py", PACKAGE / "core" / "optimizer.py"}
+    copies = {str(path.relative_to(PACKAGE)): sorted(found) for path in sorted(PACKAGE.rglob("*.py"))
+              if path not in allowed and len(found := _literal_settings(path.read_text())) >= 4}
+    assert not copies, copies
+    old_reference = 'DEFAULTS = dict(lr=1e-2, momentum=0.95, weight_decay=0.1, norm="row", p=2.0)\n'
+    assert len(_literal_settings(old_reference)) == 5       # the detector sees the copies that were removed
+    assert len(_literal_settings("    hidden_mult: float = 20.0\n    eps: float = 1e-8\n")) == 2
+
+
+def test_bad_moga_settings_in_a_preset_are_refused_before_the_engine_starts():
+    from moga_dist.train.config import load
+
+    with pytest.raises(ValueError, match=r"\[optimizer.moga\]: momentum=1.5 is invalid; allowed: 0 <= momentum < 1"):
+        load(None, ["optimizer.moga.momentum=1.5"])
+    with pytest.raises(ValueError, match=r"\[optimizer.moga\]: norm='rows' is invalid; allowed: \['row', 'col'\]"):
+        load(None, ["optimizer.moga.norm='rows'"])
+    load(None, ["optimizer.name='adamw'", "optimizer.moga.momentum=1.5"])   # the baseline does not use them
+

@@ -125,3 +125,44 @@ def test_bad_moga_settings_in_a_preset_are_refused_before_the_engine_starts():
         load(None, ["optimizer.moga.norm='rows'"])
     load(None, ["optimizer.name='adamw'", "optimizer.moga.momentum=1.5"])   # the baseline does not use them
 
+
+# ----- parallel.distributed_optimizer: Megatron's distributed optimizer, its own knob -----------
+def test_megatron_presets_name_the_distributed_optimizer_and_its_flag_follows():
+    from moga_dist.train.config import load
+    from moga_dist.train.engine_config import megatron_args
+
+    for name in ("llama_13b", "llama_70b"):
+        cfg = load(PACKAGE.parent / "configs" / f"{name}.toml")
+        assert cfg.parallel.distributed_optimizer and "--use-distributed-optimizer" in megatron_args(cfg)
+        replicated = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, distributed_optimizer=False))
+        assert "--use-distributed-optimizer" not in megatron_args(replicated)
+
+
+@pytest.mark.parametrize("knob,kind", [(True, "distributed optimizer"), (False, "replicated optimizer")])
+def test_the_megatron_backend_reads_the_knob_not_the_zero_stage(knob, kind):
+    from moga_dist.train.config import load
+
+    cfg = load(None, ["parallel.engine='megatron'", f"parallel.distributed_optimizer={str(knob).lower()}"])
+    backend = object.__new__(backend_megatron.MegatronBackend)
+    backend.cfg, backend.tp, backend.pp, backend.dp_world = cfg, 1, 1, 2
+    assert backend.layout_meta() == {"engine": "megatron", "distributed_optimizer": knob}
+    assert backend.describe() == f"Megatron TP1 x DP2, {kind}"
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["parallel.distributed_optimizer=true"], "parallel.distributed_optimizer=true with parallel.engine='deepspeed'"),
+    (["parallel.engine='megatron'", "engine.zero_stage=1"],
+     "Megatron's distributed optimizer is parallel.distributed_optimizer=true"),
+    (["parallel.engine='megatron'", "parallel.distributed_optimizer=1"],
+     "parallel.distributed_optimizer=1: expected true/false"),
+], ids=["deepspeed", "old-spelling", "not-a-bool"])
+def test_bad_distributed_optimizer_settings_are_one_line_exit_2(sets, needle, monkeypatch, capsys, tmp_path):
+    from moga_dist.train import __main__ as cli
+
+    def no_engine(cfg):
+        raise AssertionError("the engine was built before the config was checked")
+
+    monkeypatch.setattr(loop, "make_backend", no_engine)
+    code = cli.main([a for s in sets for a in ("--set", s)] + ["--set", f"output_dir='{tmp_path}'"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err

@@ -114,7 +114,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    zero_stage: int = 2
+    zero_stage: int = 2              # DeepSpeed's ZeRO stage (Megatron: parallel.distributed_optimizer)
     bf16: bool = False
 
 
@@ -128,6 +128,9 @@ class ParallelConfig:
     gpus_per_node: int = 2           # processes per node (CPU processes for the tiny preset)
     gpu: str = "cpu"                 # a key of presets.GPU_MEMORY_GIB
     activation_checkpointing: bool = False
+    # Megatron's distributed optimizer (fp32 main weights and momentum sharded over DP; gradients
+    # reduce-scattered). Megatron only: DeepSpeed's sharding is engine.zero_stage.
+    distributed_optimizer: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,6 +261,12 @@ def validate(cfg: RunConfig) -> None:
                          "MOGA's model-space state alone)")
     if p.engine not in ("deepspeed", "megatron"):
         raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
+    if p.engine == "deepspeed" and p.distributed_optimizer:
+        raise ValueError("parallel.distributed_optimizer=true with parallel.engine='deepspeed': allowed only with "
+                         "'megatron' (DeepSpeed shards optimizer state with engine.zero_stage >= 1)")
+    if p.engine == "megatron" and cfg.engine.zero_stage == 1 and not p.distributed_optimizer:
+        raise ValueError("engine.zero_stage=1 with parallel.engine='megatron': Megatron's distributed optimizer is "
+                         "parallel.distributed_optimizer=true (engine.zero_stage is DeepSpeed's ZeRO stage; remove it)")
     if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):  # HF model: DP only
         raise ValueError("parallel.engine='deepspeed' runs data parallel only (tensor_parallel = "
                          "pipeline_parallel = 1); use engine='megatron' for tensor/pipeline parallelism")

@@ -218,7 +218,8 @@ def megatron_job(rank, world, base, tp=2, zero_stage=0):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     megatron_support.apply_model_shims()
     common = TINY + ["parallel.engine='megatron'", f"parallel.tensor_parallel={tp}", "training.steps=4",
-                     f"engine.zero_stage={zero_stage}", f"training.global_batch_size={2 * (world // tp)}"]
+                     f"parallel.distributed_optimizer={str(bool(zero_stage)).lower()}",
+                     f"training.global_batch_size={2 * (world // tp)}"]
 
     def weights(backend):
         return {n: gather_full(p.data, p, ps) for n, p in backend.model.named_parameters()}

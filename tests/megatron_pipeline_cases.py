@@ -94,7 +94,8 @@ def megatron_job_pipeline(rank, world, base, zero_stage):
     from moga_dist.train.loop import run
 
     megatron_support.enable_cuda_to_cpu()
-    common = TINY + ["parallel.engine='megatron'", "training.steps=4", f"engine.zero_stage={zero_stage}"]
+    common = TINY + ["parallel.engine='megatron'", "training.steps=4",
+                     f"parallel.distributed_optimizer={str(bool(zero_stage)).lower()}"]
 
     def backend(tp, pp, *extra):
         ps.destroy_model_parallel()

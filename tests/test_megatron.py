@@ -104,12 +104,12 @@ def test_megatron_job_refuses_by_name(override, message):
         check_config(load_config(None, ["parallel.engine='megatron'", override]))
 
 
-def test_megatron_job_refuses_zero_stage_2():
-    from moga_dist.train.backend_megatron import MegatronBackend
+def test_megatron_job_refuses_zero_stage_1_the_old_spelling_of_the_distributed_optimizer():
     from moga_dist.train.config import load
 
-    with pytest.raises(ValueError, match="zero_stage=2 with parallel.engine='megatron': allowed 0"):
-        MegatronBackend(load(None, ["parallel.engine='megatron'", "engine.zero_stage=2"]))
+    with pytest.raises(ValueError, match="engine.zero_stage=1 with parallel.engine='megatron': Megatron's "
+                                         "distributed optimizer is parallel.distributed_optimizer=true"):
+        load(None, ["parallel.engine='megatron'", "engine.zero_stage=1"])
 
 
 @pytest.mark.parametrize("ep", [1, 2], ids=["ep1", "ep2"])

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from .hparams import DEFAULTS as HPARAM_DEFAULTS
 from .layout import RowBlocks
 
-DEFAULTS = dict(lr=1e-2, momentum=0.95, weight_decay=0.1, norm="row", p=2.0, q=2.0, hidden_mult=20.0,
-                embedding_mult=1.0, head_mult=1.0, vector_mult=1.0, head_width_scale=False,
-                base_width=None, eps=1e-8, lookahead=None)
+DEFAULTS = dict(HPARAM_DEFAULTS)      # MOGA's defaults (the table in hparams.py)
 
 
 def rownorm(u: torch.Tensor, p: float, eps: float) -> torch.Tensor:

@@ -21,6 +21,8 @@ import runpy
 import sys
 from collections.abc import Mapping
 
+from ..core.hparams import HPARAMS
+
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
@@ -34,21 +36,9 @@ class Flag:
         return "--moga-" + self.setting.replace("_", "-")
 
 
-# MOGA's keyword arguments other than lr and weight_decay (Megatron's --lr / --weight-decay).
-FLAGS = (
-    Flag("norm", str, "'row' (normalize each output row) or 'col' (each input column, per fused block)"),
-    Flag("momentum", float, "momentum coefficient beta"),
-    Flag("p", float, "row geometry: rows are normalized in the l_p norm (hidden, norm=row; head)"),
-    Flag("q", float, "column geometry: columns are normalized in the l_q norm (hidden, norm=col)"),
-    Flag("hidden_mult", float, "update multiplier of hidden matrices"),
-    Flag("embedding_mult", float, "update multiplier of embeddings (sign updates)"),
-    Flag("head_mult", float, "update multiplier of the output layer"),
-    Flag("vector_mult", float, "update multiplier of biases and norm gains (sign updates)"),
-    Flag("head_width_scale", bool, "scale the head's update by (base_width / d_in)^(1/p)"),
-    Flag("base_width", float, "reference width of the width scale"),
-    Flag("eps", float, "denominator floor of the normalization"),
-    Flag("lookahead", float, "Nesterov-style lookahead coefficient"),
-)
+# MOGA's keyword arguments other than lr and weight_decay (Megatron's --lr / --weight-decay), from
+# the one table of MOGA's hyper-parameters.
+FLAGS = tuple(Flag(h.name, h.type, h.help) for h in HPARAMS if h.name not in ("lr", "weight_decay"))
 _BY_SETTING = {f.setting: f for f in FLAGS}
 
 

@@ -9,43 +9,42 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, field, make_dataclass
 
 import torch
 
+from ..core.hparams import hparam_fields
 from ..train.data import ByteCorpus
 
 OPTIMIZERS = ("moga-row", "moga-col", "adamw", "adamw-mup", "muon")
 CURVE_POINTS = 300          # the stored training curve is averaged down to at most this many points
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One grid point (a "cell"); `key()` names it in the results file (finished cells are not redone).
+MOGA_SETTINGS = ("lr", "hidden_mult", "embedding_mult", "head_mult", "vector_mult")   # passed to MOGA as they are
 
-    `steps` is the horizon; `tokens_per_step` = batch * seq_len."""
-    optimizer: str
-    width: int
-    lr: float
-    steps: int = 300
-    layers: int = 2
-    head_dim: int = 32
-    batch: int = 8
-    seq_len: int = 128
-    seed: int = 0
-    base_width: int = 64
-    hidden_mult: float = 5.0
-    embedding_mult: float = 1.0
-    head_mult: float = 1.0
-    vector_mult: float = 1.0
-    eval_windows: int = 0       # held-out windows of seq_len scored at the end; 0: the whole split
 
-    def key(self) -> str:
-        return "|".join(f"{k}={v}" for k, v in asdict(self).items())
+def _key(self) -> str:
+    return "|".join(f"{k}={v}" for k, v in asdict(self).items())
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch * self.seq_len
+
+_RUNSPEC_DOC = """One grid point (a "cell"); `key()` names it in the results file (finished cells are not redone,
+so the fields' order and spelling are the results' keys: never reorder them).
+
+`steps` is the horizon; `tokens_per_step` = batch * seq_len. `base_width` is the muP base of adamw-mup
+and of the coordinate check (not MOGA's base_width, which the sweep leaves off). lr and the
+multipliers are MOGA's settings from the one table of its hyper-parameters (moga_dist.core.hparams),
+hidden_mult at the sweep's 5.0; `eval_windows`: held-out windows of seq_len scored at the end (0: the
+whole split)."""
+RunSpec = make_dataclass("RunSpec", [
+    ("optimizer", str), ("width", int), *hparam_fields(["lr"], lr=MISSING),
+    ("steps", int, field(default=300)), ("layers", int, field(default=2)), ("head_dim", int, field(default=32)),
+    ("batch", int, field(default=8)), ("seq_len", int, field(default=128)), ("seed", int, field(default=0)),
+    ("base_width", int, field(default=64)),
+    *hparam_fields(MOGA_SETTINGS[1:], hidden_mult=5.0),
+    ("eval_windows", int, field(default=0)),
+], frozen=True, namespace={"__doc__": _RUNSPEC_DOC, "key": _key,
+                            "tokens_per_step": property(lambda self: self.batch * self.seq_len)})
+RunSpec.__module__ = __name__
 
 
 def build_model(spec: RunSpec) -> torch.nn.Module:
@@ -87,8 +86,7 @@ def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> list[torch.optim.O
 
     name = spec.optimizer
     if name.startswith("moga"):
-        return [MOGA(param_groups(model), lr=spec.lr, norm=name.split("-")[1], hidden_mult=spec.hidden_mult,
-                     embedding_mult=spec.embedding_mult, head_mult=spec.head_mult, vector_mult=spec.vector_mult)]
+        return [MOGA(param_groups(model), norm=name.split("-")[1], **{k: getattr(spec, k) for k in MOGA_SETTINGS})]
     groups = {g["role"]: g["params"] for g in param_groups(model)}
     adam = {"betas": (0.9, 0.95), "weight_decay": 0.1}
     if name == "adamw":

@@ -24,15 +24,11 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.model.num_layers % p.pipeline_parallel:
         raise ValueError(f"model.num_layers={cfg.model.num_layers} is not divisible by "
                          f"parallel.pipeline_parallel={p.pipeline_parallel} (each stage holds as many layers)")
-    if cfg.engine.zero_stage not in (0, 1):
-        raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} with parallel.engine='megatron': allowed 0 "
-                         "(replicated optimizer state) or 1 (Megatron's distributed optimizer, which also "
-                         "reduce-scatters gradients)")
 
 
 class MegatronBackend:
-    """Megatron's replicated optimizer wrappers (engine.zero_stage = 0) or its distributed optimizer
-    (engine.zero_stage = 1: fp32 main weights and momentum sharded over DP, checkpointed by
+    """Megatron's replicated optimizer wrappers, or with parallel.distributed_optimizer its distributed
+    optimizer (fp32 main weights and momentum sharded over DP, gradients reduce-scattered, checkpointed by
     moga_dist.engines.megatron_distopt in a format that reshards across TP and DP)."""
 
     def __init__(self, cfg: RunConfig, allow_cpu: bool = False):
@@ -78,7 +74,7 @@ class MegatronBackend:
 
         cfg, m, t = self.cfg, self.cfg.model, self.cfg.training
         bf16 = cfg.engine.bf16
-        distributed_optimizer = cfg.engine.zero_stage == 1
+        distributed_optimizer = cfg.parallel.distributed_optimizer
         tcfg = TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
             num_query_groups=m.num_kv_heads, ffn_hidden_size=m.intermediate_size, layernorm_epsilon=m.rms_norm_eps,
@@ -118,10 +114,10 @@ class MegatronBackend:
     def layout_meta(self) -> dict:
         """dist_checkpointing reshards across TP, PP and DP; the engine and the optimizer's sharding (its
         two checkpoint formats differ) must match."""
-        return {"engine": "megatron", "distributed_optimizer": self.cfg.engine.zero_stage == 1}
+        return {"engine": "megatron", "distributed_optimizer": self.cfg.parallel.distributed_optimizer}
 
     def describe(self) -> str:
-        kind = "distributed optimizer" if self.cfg.engine.zero_stage == 1 else "replicated optimizer"
+        kind = "distributed optimizer" if self.cfg.parallel.distributed_optimizer else "replicated optimizer"
         pipeline = f" x PP{self.pp}" if self.pp > 1 else ""
         return f"Megatron TP{self.tp}{pipeline} x DP{self.dp_world}, {kind}"
 

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..core.hparams import check_hparams, hparam_fields
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -29,29 +31,19 @@ class ModelConfig:
     tie_embeddings: bool = False     # MOGA's head role wants an untied head (spec §7.1)
 
 
-@dataclass(frozen=True, kw_only=True)
-class MOGAConfig:
-    """MOGA's settings (moga_dist.MOGA keyword arguments)."""
-    lr: float = 1e-2
-    momentum: float = 0.95
-    weight_decay: float = 0.1
-    norm: str = "row"
-    p: float = 2.0
-    q: float = 2.0
-    hidden_mult: float = 20.0
-    embedding_mult: float = 1.0
-    head_mult: float = 1.0
-    vector_mult: float = 1.0
-    head_width_scale: bool = False
-    base_width: float | None = None
-    eps: float = 1e-8
-    lookahead: float | None = None
-    # Where `lr` comes from (not MOGA arguments; `python -m moga_dist.train.engine_config --explain`):
-    # the width, horizon and tokens/parameter it was tuned at, and the rule that moved it here.
-    tuned_width: int | None = None
-    tuned_steps: int | None = None
-    tuned_tokens_per_param: float | None = None
-    lr_rule: str = "none"            # "none": used as tuned, moved by no width or horizon rule
+# [optimizer.moga]: MOGA's keyword arguments, derived from the one table of its hyper-parameters
+# (moga_dist.core.hparams.HPARAMS: names, defaults, types), then where `lr` comes from (not MOGA
+# arguments; `python -m moga_dist.train.engine_config --explain`): the width, horizon and
+# tokens/parameter it was tuned at, and the rule that moved it here ("none": used as tuned).
+MOGAConfig = dataclasses.make_dataclass("MOGAConfig", [
+    *hparam_fields(),
+    ("tuned_width", int | None, field(default=None)),
+    ("tuned_steps", int | None, field(default=None)),
+    ("tuned_tokens_per_param", float | None, field(default=None)),
+    ("lr_rule", str, field(default="none")),
+], frozen=True, kw_only=True, namespace={"__doc__": "MOGA's settings (moga_dist.MOGA keyword arguments, "
+                                          "moga_dist.core.hparams.HPARAMS) and lr's provenance."})
+MOGAConfig.__module__ = __name__
 
 
 LR_PROVENANCE = ("tuned_width", "tuned_steps", "tuned_tokens_per_param", "lr_rule")
@@ -122,7 +114,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    zero_stage: int = 2
+    zero_stage: int = 2              # DeepSpeed's ZeRO stage (Megatron: parallel.distributed_optimizer)
     bf16: bool = False
 
 
@@ -136,6 +128,9 @@ class ParallelConfig:
     gpus_per_node: int = 2           # processes per node (CPU processes for the tiny preset)
     gpu: str = "cpu"                 # a key of presets.GPU_MEMORY_GIB
     activation_checkpointing: bool = False
+    # Megatron's distributed optimizer (fp32 main weights and momentum sharded over DP; gradients
+    # reduce-scattered). Megatron only: DeepSpeed's sharding is engine.zero_stage.
+    distributed_optimizer: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,6 +247,8 @@ def validate(cfg: RunConfig) -> None:
     for name, value in (("optimizer.moga.lr", cfg.optimizer.moga.lr), ("optimizer.adamw.lr", cfg.optimizer.adamw.lr)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value}: allowed a finite number >= 0")
+    if cfg.optimizer.name == "moga":     # the rest of MOGA's checks (hparams.py), before any engine starts
+        check_hparams(moga_kwargs(cfg.optimizer.moga), "[optimizer.moga]")
     if cfg.optimizer.moga.lr_rule not in LR_RULES:
         raise ValueError(f"optimizer.moga.lr_rule={cfg.optimizer.moga.lr_rule!r}; allowed: {list(LR_RULES)}")
     if t.max_skipped_steps < 0:
@@ -264,6 +261,12 @@ def validate(cfg: RunConfig) -> None:
                          "MOGA's model-space state alone)")
     if p.engine not in ("deepspeed", "megatron"):
         raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
+    if p.engine == "deepspeed" and p.distributed_optimizer:
+        raise ValueError("parallel.distributed_optimizer=true with parallel.engine='deepspeed': allowed only with "
+                         "'megatron' (DeepSpeed shards optimizer state with engine.zero_stage >= 1)")
+    if p.engine == "megatron" and cfg.engine.zero_stage == 1 and not p.distributed_optimizer:
+        raise ValueError("engine.zero_stage=1 with parallel.engine='megatron': Megatron's distributed optimizer is "
+                         "parallel.distributed_optimizer=true (engine.zero_stage is DeepSpeed's ZeRO stage; remove it)")
     if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):  # HF model: DP only
         raise ValueError("parallel.engine='deepspeed' runs data parallel only (tensor_parallel = "
                          "pipeline_parallel = 1); use engine='megatron' for tensor/pipeline parallelism")

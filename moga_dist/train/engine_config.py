@@ -53,7 +53,8 @@ def megatron_args(cfg: RunConfig) -> list[str]:
             "--clip-grad", t.gradient_clipping, "--tensor-model-parallel-size", p.tensor_parallel,
             "--pipeline-model-parallel-size", p.pipeline_parallel, "--seed", t.seed, "--optimizer", "moga",
             *to_flags(moga)]
-    if cfg.engine.zero_stage >= 1:
+    # A Megatron preset says so; a DeepSpeed one's ZeRO >= 1 shards optimizer state as this does.
+    if p.distributed_optimizer if p.engine == "megatron" else cfg.engine.zero_stage >= 1:
         args += ["--use-distributed-optimizer"]
     if m.num_kv_heads != m.num_heads:
         args += ["--group-query-attention", "--num-query-groups", m.num_kv_heads]

@@ -45,8 +45,8 @@ def memory_estimate(cfg: RunConfig) -> dict:
         grads = shard * wbytes / (dp if cfg.engine.zero_stage >= 2 else 1)
         states = shard * state_bytes / (dp if cfg.engine.zero_stage >= 1 else 1)
     else:                                             # Megatron DDP fp32 grad buffer; optimizer state
-        grads = shard * 4                             # sharded by the distributed optimizer (zero_stage >= 1)
-        states = shard * state_bytes / (dp if cfg.engine.zero_stage >= 1 else 1)
+        grads = shard * 4                             # sharded by the distributed optimizer
+        states = shard * state_bytes / (dp if p.distributed_optimizer else 1)
     # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it
     # is; with full recomputation only each layer's input is kept, plus one layer's working set.
     s, b, h, a = m.max_seq_len, t.micro_batch_size, m.hidden_size, m.num_heads

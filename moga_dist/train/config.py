@@ -34,9 +34,10 @@ class ModelConfig:
 # [optimizer.moga]: MOGA's keyword arguments, derived from the one table of its hyper-parameters
 # (moga_dist.core.hparams.HPARAMS: names, defaults, types), then where `lr` comes from (not MOGA
 # arguments; `python -m moga_dist.train.engine_config --explain`): the width, horizon and
-# tokens/parameter it was tuned at, and the rule that moved it here ("none": used as tuned).
+# tokens/parameter it was tuned at (and the best lr there), and the rule that moved it here.
 MOGAConfig = dataclasses.make_dataclass("MOGAConfig", [
     *hparam_fields(),
+    ("tuned_lr", float | None, field(default=None)),
     ("tuned_width", int | None, field(default=None)),
     ("tuned_steps", int | None, field(default=None)),
     ("tuned_tokens_per_param", float | None, field(default=None)),
@@ -46,8 +47,8 @@ MOGAConfig = dataclasses.make_dataclass("MOGAConfig", [
 MOGAConfig.__module__ = __name__
 
 
-LR_PROVENANCE = ("tuned_width", "tuned_steps", "tuned_tokens_per_param", "lr_rule")
-LR_RULES = ("none",)
+LR_PROVENANCE = ("tuned_lr", "tuned_width", "tuned_steps", "tuned_tokens_per_param", "lr_rule")
+LR_RULES = ("none", "horizon-tpp-1")     # moga_dist.train.lr_provenance.RULES says what each does
 
 
 def moga_kwargs(moga: MOGAConfig) -> dict:

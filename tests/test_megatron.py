@@ -24,12 +24,10 @@ def megatron_reference(tmp_path_factory):
     return path
 
 
-@pytest.mark.distributed
 def test_megatron_tp2_and_dp2_equal_tp1(megatron_reference):
     spawn(2, sharded, megatron_reference, [(2, False), (1, False), (1, True), (2, True)])
 
 
-@pytest.mark.distributed
 def test_megatron_tp2_with_biases_equals_tp1(tmp_path):
     """Megatron's default add_bias_linear=True: column-parallel biases are TP-sharded 1-D tensors."""
     path = str(tmp_path / "tp1_bias.pt")
@@ -37,19 +35,16 @@ def test_megatron_tp2_with_biases_equals_tp1(tmp_path):
     spawn(2, sharded, path, [(2, False), (2, True)], True)
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world,tp,pp", [(2, 1, 2), pytest.param(4, 2, 2, marks=pytest.mark.slow)],
                          ids=["pp2", "tp2_x_pp2"])
 def test_megatron_pipeline_parallel_equals_tp1(megatron_reference, world, tp, pp):
     spawn(world, pipeline, megatron_reference, tp, pp)
 
 
-@pytest.mark.distributed
 def test_megatron_tp2_x_dp2_equals_tp1(megatron_reference):
     spawn(4, sharded, megatron_reference, [(2, False), (2, True)])
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("save,save_world,resume,resume_world", [
     (save_at_tp2, 2, resume_at_tp1, 1),                       # replicated optimizer, TP 2 -> TP 1
     (save_distopt_at_dp2, 2, resume_distopt_at_tp2, 2),       # distributed optimizer, DP 2 -> TP 2
@@ -61,20 +56,17 @@ def test_megatron_checkpoint_continues_at_another_layout(megatron_reference, tmp
     spawn(resume_world, resume, str(tmp_path / "ckpt"), megatron_reference)
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world,tp,distopt", [(1, 1, False), (2, 2, False), (2, 1, True)],
                          ids=["tp1", "tp2", "dp2_distributed_optimizer"])
 def test_megatron_bf16_step_equals_float64_reference(world, tp, distopt):
     spawn(world, bf16_wrapper, tp, distopt)
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("tp,zero_stage", [(2, 0), (1, 1)], ids=["tp2_replicated", "dp2_distributed_optimizer"])
 def test_megatron_training_job_resumes_bit_exact(tmp_path, tp, zero_stage):
     spawn(2, megatron_job, str(tmp_path), tp, zero_stage)
 
 
-@pytest.mark.distributed
 def test_megatron_training_job_pipeline_parallel_continues_tp2_run_exactly(tmp_path):
     spawn(2, megatron_job_pipeline, str(tmp_path), 1)
 
@@ -154,13 +146,11 @@ def test_megatron_register_without_registry_names_the_version_it_needs():
         register()
 
 
-@pytest.mark.distributed
 def test_megatron_registry_of_0_18_takes_optimizer_moga(megatron_reference):
     _needs_registry()
     spawn(2, registry, megatron_reference)
 
 
-@pytest.mark.distributed
 def test_megatron_registry_of_0_18_bf16_step_equals_float64_reference():
     _needs_registry()
     spawn(2, bf16_wrapper, 2, False, True)

@@ -201,3 +201,22 @@ def test_testing_doc_names_every_test_module():
     text = (REPO / "docs" / "testing.md").read_text()
     missing = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if f"`{p.name}`" not in text)
     assert not missing, f"test modules docs/testing.md does not describe: {missing}"
+
+
+def _hand_set_kinds(source: str) -> set[str]:
+    return set(re.findall(r"pytest\.mark\.(unit|distributed|engines|job)\b", source))
+
+
+def test_no_hand_set_kind_marker_disagrees_with_the_table():
+    """A kind is the module's (tests/conftest.py KINDS); a marker written by hand may only repeat it."""
+    import conftest
+
+    wrong = {p.name: sorted(k - {conftest.KIND_OF.get(p.stem)})
+             for p in sorted((REPO / "tests").glob("test_*.py")) if (k := _hand_set_kinds(p.read_text()))
+             and k - {conftest.KIND_OF.get(p.stem)}}
+    assert not wrong, f"hand-set kind markers that disagree with tests/conftest.py KINDS (remove them): {wrong}"
+
+
+def test_hand_set_kind_check_can_fail():
+    mark = "@pytest.mark."          # split, so this file does not carry the marker it tests for
+    assert _hand_set_kinds(f"{mark}distributed\ndef test_x(): pass\n{mark}slow") == {"distributed"}

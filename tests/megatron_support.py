@@ -47,7 +47,15 @@ class _Stream:
         pass
 
 
+_ENABLED = []
+
+
 def enable_cuda_to_cpu():
+    """Once per process (a group spawn runs many cases in one process: a second CudaToCpu mode
+    would only stack on the first)."""
+    if _ENABLED:
+        return
+    _ENABLED.append(True)
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = torch.cuda.empty_cache = lambda *a, **k: None
     torch.cuda.current_stream = torch.cuda.default_stream = lambda *a, **k: _Stream()

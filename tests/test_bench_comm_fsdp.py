@@ -7,7 +7,6 @@ from moga_dist.bench.comm_dtensor import run_fsdp_layout
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 @pytest.mark.parametrize("norm", ["row", "col"])
 @pytest.mark.parametrize("dp,tp", [(3, 1), (2, 2)])
 def test_fsdp_rows_send_the_analytic_minimum(dp, tp, norm):

@@ -29,7 +29,6 @@ def steady_malloc(monkeypatch):
         monkeypatch.setitem(os.environ, k, v)
 
 
-@pytest.mark.distributed
 def test_megatron_distributed_optimizer_checkpoint_memory_scales_with_params_over_dp(tmp_path, steady_malloc):
     out = str(tmp_path / "rss.json")
     spawn(2, megatron_distopt, str(tmp_path), out)

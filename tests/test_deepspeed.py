@@ -8,12 +8,10 @@ from deepspeed_cases import refusals, worker  # noqa: E402
 from dist_utils import spawn  # noqa: E402
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 3])
 def test_deepspeed_zero_stages_equal_single_process_moga(world):
     spawn(world, worker)
 
 
-@pytest.mark.distributed
 def test_deepspeed_refuses_what_it_cannot_do_exactly():
     spawn(2, refusals)

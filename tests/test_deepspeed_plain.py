@@ -15,7 +15,6 @@ CASES += [(2, 0, True, False), (3, 1, True, True)]      # ZeRO-0 bf16 set-up ste
 # The default run covers plain ZeRO-2 fp32 through docs/recipes/own_script.py (test_deepspeed_recipes)
 # and the ZeRO-0 bf16 set-up step through test_deepspeed; these are the full matrix.
 @pytest.mark.slow
-@pytest.mark.distributed
 @pytest.mark.parametrize("world,stage,bf16,grad_accum_fp32", CASES)
 def test_plain_deepspeed_initialize_is_exact_moga(world, stage, bf16, grad_accum_fp32):
     spawn(world, plain, stage, bf16, grad_accum_fp32)

@@ -14,7 +14,6 @@ from dist_utils import spawn  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("worker", ["own_script", "hf_trainer", "accelerate"])
 def test_recipe_equals_single_process_moga(worker):
     if worker.startswith("hf_"):

@@ -12,7 +12,6 @@ CASES = [pytest.param(2, 3)] + [pytest.param(stage, world, marks=pytest.mark.slo
                                 for stage, world in ((2, 1), (1, 1), (1, 3), (3, 1), (3, 3))]
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("stage,world", CASES)
 def test_checkpoint_from_two_ranks_continues_at_other_world_sizes(tmp_path, stage, world):
     spawn(2, save_case, stage, str(tmp_path))

@@ -14,17 +14,14 @@ CASES = [pytest.param(2, "row", None), pytest.param(3, "row", None, marks=pytest
          pytest.param(3, "col", None, marks=pytest.mark.slow), pytest.param(2, "col", 100, marks=pytest.mark.slow)]
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world,norm,sub_group_size", CASES)
 def test_zero3_equals_single_process_moga(world, norm, sub_group_size):
     spawn(world, stage3, norm, sub_group_size)
 
 
-@pytest.mark.distributed
 def test_zero3_refuses_what_it_does_not_map():
     spawn(2, stage3_refusals)
 
 
-@pytest.mark.distributed
 def test_zero3_sub_groups_step_once_with_one_verdict():
     spawn(2, stage3_sub_groups_one_step)

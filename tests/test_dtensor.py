@@ -23,7 +23,6 @@ CASES = [pytest.param(2, 2, 1, FSDP_SIZES, "row", id="fsdp2-2ranks-row", marks=S
          pytest.param(4, 2, 2, TP_SIZES, "col", id="fsdp2x-tp2-col")]
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world,dp,tp,sizes,norm", CASES)
 def test_dtensor_moga_equals_single_process(world, dp, tp, sizes, norm):
     spawn(world, equal_to_single_process, dp, tp, norm, sizes)
@@ -37,12 +36,10 @@ def dcp_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world", [1, 3])
 def test_dcp_checkpoint_from_2_ranks_resumes_at_another_size(dcp_checkpoint, world):
     spawn(world, dcp_resume, dcp_checkpoint, 2, "col", FSDP_SIZES)
 
 
-@pytest.mark.distributed
 def test_what_is_not_exact_is_refused_naming_the_placement():
     spawn(2, refusals)

@@ -57,7 +57,6 @@ FALLBACK = {"flip_model": "mp_rank_00_model_states.pt", "flip_optim": "zero_pp_r
             "pickle_payload": "mp_rank_00_model_states.pt"}
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("name", sorted(FALLBACK))
 def test_damaged_latest_checkpoint_is_refused_naming_the_file_and_the_job_falls_back(faults, name):
     base, results = faults
@@ -72,7 +71,6 @@ def test_damaged_latest_checkpoint_is_refused_naming_the_file_and_the_job_falls_
     _assert_equal_weights(ckpt / S6, base / STRAIGHT / "checkpoints" / S6)       # exact resume from step 3
 
 
-@pytest.mark.distributed
 def test_deleted_latest_checkpoint_resumes_from_the_older_one_unchanged(faults):
     base, results = faults
     r = results["deleted_latest"]
@@ -82,7 +80,6 @@ def test_deleted_latest_checkpoint_resumes_from_the_older_one_unchanged(faults):
     _assert_equal_weights(ckpt / S6, base / STRAIGHT / "checkpoints" / S6)
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["bad_latest", "missing_latest"])
 def test_missing_or_invalid_latest_falls_back_to_the_newest_intact_checkpoint(faults, name):
     base, results = faults
@@ -92,14 +89,12 @@ def test_missing_or_invalid_latest_falls_back_to_the_newest_intact_checkpoint(fa
     assert _digest(base / name / "checkpoints" / S6) == _digest(base / STRAIGHT / "checkpoints" / S6)
 
 
-@pytest.mark.distributed
 def test_pickle_payload_in_a_checkpoint_never_runs(faults):
     base, results = faults
     assert not (base / MARKER).exists()
     assert not any(results["pickle_payload"]["marker_seen_by_rank"])
 
 
-@pytest.mark.distributed
 def test_no_intact_checkpoint_is_an_error_naming_every_damaged_file_not_a_fresh_start(faults):
     base, results = faults
     err = results["all_damaged"]["error"]
@@ -107,7 +102,6 @@ def test_no_intact_checkpoint_is_an_error_naming_every_damaged_file_not_a_fresh_
     assert sorted(p.name for p in (base / "all_damaged" / "checkpoints").iterdir() if p.is_dir()) == [S3, S6]
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("name,expected", [("lr_inf", "ValueError: optimizer.moga.lr=inf: allowed a finite"),
                                            ("lr_1e6", "TrainingDiverged: step ")], ids=["lr_inf", "lr_1e6"])
 def test_divergence_stops_the_job_and_keeps_the_last_finite_checkpoints(faults, name, expected):
@@ -122,7 +116,6 @@ def test_divergence_stops_the_job_and_keeps_the_last_finite_checkpoints(faults, 
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_rank_killed_mid_save_resumes_equal_to_an_uninterrupted_run(faults, tmp_path):
     base, _ = faults
     out = tmp_path / "killed"

@@ -22,7 +22,6 @@ def world2(rank, world, tmp):
     cases.torchtitan_fsdp2(rank, world, tmp)
 
 
-@pytest.mark.distributed
 def test_front_doors_at_two_ranks():
     for name in ("transformers", "deepspeed", "torchtitan"):
         pytest.importorskip(name)
@@ -30,7 +29,6 @@ def test_front_doors_at_two_ranks():
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lightning_deepspeed_strategy(stage):
     """Lightning's DeepSpeedStrategy (its CUDA-only checks bypassed in the test) with

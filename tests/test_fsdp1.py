@@ -53,7 +53,6 @@ CASES = [pytest.param(w, "default", d, id=f"{w}ranks-{d}") for w in DEFAULT for 
         [pytest.param(w, "slow", d, id=f"{w}ranks-{d}", marks=pytest.mark.slow) for w in SLOW for d in SLOW[w]]
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world,tier,door", CASES)
 def test_front_door_is_exact_moga(world, tier, door, tmp_path_factory):
     got = results(world, tier, tmp_path_factory)[door]

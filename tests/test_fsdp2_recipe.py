@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 DOC = Path(__file__).resolve().parent.parent / "docs" / "fsdp2.md"
 
 
@@ -18,7 +16,6 @@ def recipe_source() -> str:
     return match.group(1)
 
 
-@pytest.mark.distributed
 def test_fsdp2_tp_recipe_runs_moga_on_every_parameter(tmp_path):
     script = tmp_path / "fsdp2_tp_moga.py"
     script.write_text(recipe_source())

@@ -62,7 +62,6 @@ def _tiny_args(out):
     return [a for kv in TINY for a in ("--set", kv)] + ["--set", "training.steps=4", "--set", f"output_dir='{out}'"]
 
 
-@pytest.mark.distributed
 def test_two_nodes_as_two_torchrun_agents_on_loopback(tmp_path):
     common = _env(NNODES="2", NPROC_PER_NODE="1", MASTER_PORT="29787")
     agents = [subprocess.Popen(["bash", "launch/torchrun.sh", *_tiny_args(tmp_path)], cwd=ROOT,
@@ -74,7 +73,6 @@ def test_two_nodes_as_two_torchrun_agents_on_loopback(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4
 
 
-@pytest.mark.distributed
 def test_mpirun_script_runs_two_ranks(tmp_path):
     _tool("mpirun")
     proc = subprocess.run(["bash", "launch/mpirun.sh", *_tiny_args(tmp_path)], cwd=ROOT,

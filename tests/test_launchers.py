@@ -29,7 +29,6 @@ def _run(launcher: str, out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.distributed
 def test_three_launchers_give_the_same_run(tmp_path):
     results = {name: _run(name, tmp_path / name) for name in LAUNCHERS}
     losses = {name: r["final_train_loss"] for name, r in results.items()}

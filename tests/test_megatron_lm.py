@@ -92,7 +92,6 @@ def test_install_without_megatron_lm_names_what_it_needs():
         install()
 
 
-@pytest.mark.distributed
 def test_megatron_lm_optimizer_moga_trains_like_tp1(tmp_path):
     """Megatron-LM's parse_and_validate_args and its training's get_megatron_optimizer, at TP=2 and
     at DP=2 with --use-distributed-optimizer: 3 steps equal the TP=1 drop-in reference."""

@@ -1,9 +1,11 @@
 """The package's shape, checked from its source: no import cycle (function-level imports count:
-a lazy import only hides a cycle), the core imports no engine or recipe, and no engine adapter
-reaches for a core name that starts with an underscore."""
+a lazy import only hides a cycle), the core imports no engine or recipe, no engine adapter reaches
+for a core name that starts with an underscore; docs/architecture.md names every module, the docs
+name only files that exist, and every test module has one kind (tests/conftest.py KINDS)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "moga_dist"
@@ -105,3 +107,116 @@ def test_engines_use_no_private_core_name():
                     and node.value.id in core_aliases and node.attr.startswith("_") \
                     and not node.attr.startswith("__"):
                 raise AssertionError(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+
+
+REPO = ROOT.parent
+# Top-level folders of the repository: a backticked path in the docs that starts with one of them
+# names a file that must exist (a placeholder such as OUT/results.jsonl starts with none).
+_REPO_DIRS = ("moga_dist/", "docs/", "tests/", "configs/", "launch/", "docker/", ".ci/")
+
+
+def _module_table(text: str) -> list[tuple[list[str], str]]:
+    """docs/architecture.md's module table: (paths named in the first cell, the rest of the row).
+    A cell names its first path in full and may add bare file names in the same folder."""
+    rows = []
+    start = text.index("| path | what it holds |")
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        first, rest = line.strip("|").split("|", 1)
+        names = re.findall(r"`([^`]+)`", first)
+        folder = names[0].rsplit("/", 1)[0] if names else ""
+        rows.append(([names[0]] + [f"{folder}/{n}" for n in names[1:]] if names else [], rest))
+    return rows
+
+
+def test_every_module_is_in_the_architecture_table():
+    """Each moga_dist/**/*.py is a row (or a name in one) of docs/architecture.md's module table,
+    with something said about it, and the table names no module that is gone."""
+    rows = _module_table((REPO / "docs" / "architecture.md").read_text())
+    listed = {p for paths, rest in rows for p in paths if rest.strip()}
+    modules = {str(p.relative_to(REPO)) for p in ROOT.rglob("*.py")}
+    assert not modules - listed, f"modules missing from docs/architecture.md's table: {sorted(modules - listed)}"
+    gone = {p for p in listed if not (REPO / p).exists()}
+    assert not gone, f"docs/architecture.md's table names files that do not exist: {sorted(gone)}"
+
+
+def test_module_table_check_can_fail():
+    rows = _module_table("| path | what it holds |\n|---|---|\n| `moga_dist/core/a.py`, `b.py` | x |\n\nmore")
+    assert rows == [(["moga_dist/core/a.py", "moga_dist/core/b.py"], " x ")]
+
+
+def _broken_references(md: Path) -> list[str]:
+    """Markdown links (relative to the file) and backticked repository paths (relative to the
+    repository root) in `md` that name nothing."""
+    text, broken = md.read_text(), []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue                            # a web address or an anchor in the same page
+        if not (md.parent / target.split("#")[0]).exists():
+            broken.append(target)
+    for target in re.findall(r"`([A-Za-z0-9_./-]+)`", text):
+        if target.startswith(_REPO_DIRS) and "*" not in target and not (REPO / target).exists():
+            broken.append(target)
+    return broken
+
+
+def test_docs_reference_only_files_that_exist():
+    broken = {str(md.relative_to(REPO)): b for md in sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+              if (b := _broken_references(md))}
+    assert not broken, f"links or paths to files not in the repository: {broken}"
+
+
+def test_reference_check_can_fail(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("[a](nowhere.md) [b](https://example.org) [c](#top) `moga_dist/no_such.py` `moga_dist/testing.py`")
+    assert _broken_references(md) == ["nowhere.md", "moga_dist/no_such.py"]
+
+
+def test_every_test_module_has_exactly_one_kind():
+    """tests/conftest.py KINDS (unit / distributed / engines / job) names every tests/test_*.py
+    once and nothing else: a new module cannot be left without a marker."""
+    import conftest
+
+    listed = [m for modules in conftest.KINDS.values() for m in modules]
+    twice = sorted({m for m in listed if listed.count(m) > 1})
+    assert not twice, f"in more than one kind of tests/conftest.py KINDS: {twice}"
+    present = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    assert not present - set(listed), f"test modules without a kind in tests/conftest.py KINDS: {sorted(present - set(listed))}"
+    assert not set(listed) - present, f"tests/conftest.py KINDS names modules that are gone: {sorted(set(listed) - present)}"
+
+
+def test_no_reference_to_a_spec_the_repository_does_not_hold():
+    """The design notes' spec (moga_spec.md) is not in the repository: code and docs point to docs/
+    or README.md instead, so a reader can follow every reference."""
+    files = [*ROOT.rglob("*.py"), *(REPO / "docs").glob("*.md"), REPO / "README.md", *(REPO / "tests").glob("*.py")]
+    pattern = re.compile(r"moga_spec|spec §|§\s*\d")
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files if p.name != "test_structure.py"
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, f"references to a spec not in the repository: {hits}"
+
+
+def test_testing_doc_names_every_test_module():
+    """docs/testing.md says what each tests/test_*.py proves: a new module gets a row."""
+    text = (REPO / "docs" / "testing.md").read_text()
+    missing = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if f"`{p.name}`" not in text)
+    assert not missing, f"test modules docs/testing.md does not describe: {missing}"
+
+
+def _hand_set_kinds(source: str) -> set[str]:
+    return set(re.findall(r"pytest\.mark\.(unit|distributed|engines|job)\b", source))
+
+
+def test_no_hand_set_kind_marker_disagrees_with_the_table():
+    """A kind is the module's (tests/conftest.py KINDS); a marker written by hand may only repeat it."""
+    import conftest
+
+    wrong = {p.name: sorted(k - {conftest.KIND_OF.get(p.stem)})
+             for p in sorted((REPO / "tests").glob("test_*.py")) if (k := _hand_set_kinds(p.read_text()))
+             and k - {conftest.KIND_OF.get(p.stem)}}
+    assert not wrong, f"hand-set kind markers that disagree with tests/conftest.py KINDS (remove them): {wrong}"
+
+
+def test_hand_set_kind_check_can_fail():
+    mark = "@pytest.mark."          # split, so this file does not carry the marker it tests for
+    assert _hand_set_kinds(f"{mark}distributed\ndef test_x(): pass\n{mark}slow") == {"distributed"}

@@ -47,7 +47,6 @@ def _weights(ckpt_dir, tag):
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
-@pytest.mark.distributed
 def test_resume_equals_uninterrupted_training(tmp_path):
     spawn(2, resume_equivalence, str(tmp_path))
     straight = _weights(tmp_path / "straight/checkpoints", "step00000006")
@@ -58,12 +57,10 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert (tmp_path / "split/checkpoints/latest").read_text() == "step00000006"
 
 
-@pytest.mark.distributed
 def test_other_model_or_fresh_start_over_checkpoints_is_refused_and_nothing_is_lost(tmp_path):
     spawn(2, refusals, str(tmp_path))
 
 
-@pytest.mark.distributed
 def test_bpe_preset_trains_a_tokenizer_prepares_the_corpus_and_trains(tmp_path, monkeypatch):
     import json
 

@@ -24,7 +24,6 @@ def runs(tmp_path_factory):
     return base
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("world", [3, 1])
 def test_job_resumes_at_another_world_size(runs, tmp_path, world):
     from moga_dist.engines.deepspeed_checkpoint import model_space_weights
@@ -45,7 +44,6 @@ def test_job_resumes_at_another_world_size(runs, tmp_path, world):
     assert '"dp_world_size": 2' in meta
 
 
-@pytest.mark.distributed
 @pytest.mark.slow            # three job runs (~4.5 min on the busy 2-core machine)
 def test_job_without_deepspeed_files_resumes_and_stores_the_state_once(tmp_path):
     """checkpoint.deepspeed_files=false: only MOGA's model-space state is written (no ZeRO files),

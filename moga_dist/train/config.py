@@ -28,7 +28,7 @@ class ModelConfig:
     max_seq_len: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    tie_embeddings: bool = False     # MOGA's head role wants an untied head (spec §7.1)
+    tie_embeddings: bool = False     # untied: MOGA row-normalizes the head, sign-updates the embedding (README)
 
 
 # [optimizer.moga]: MOGA's keyword arguments, derived from the one table of its hyper-parameters

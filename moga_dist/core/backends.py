@@ -109,6 +109,6 @@ def make_backend(name: str, pieces: list[Piece], stats: torch.Tensor):
         from ..kernels.cpu import CpuBackend
 
         return CpuBackend(pieces, stats)
-    from ..kernels.triton_batches import TritonBackend
+    from ..kernels.triton_backend import TritonBackend
 
     return TritonBackend(pieces, stats)

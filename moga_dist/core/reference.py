@@ -1,6 +1,6 @@
 """A readable float64 MOGA on whole (unsharded) tensors: the oracle the tests compare against.
 
-Written from the spec (moga_spec.md §1.3) without sharing code with functional.py, on purpose.
+Written from the spec (moga_spec.md §1.3) without sharing code with the step (piece.py, functional.py), on purpose.
 """
 from __future__ import annotations
 

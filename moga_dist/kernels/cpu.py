@@ -104,7 +104,7 @@ class CpuBackend:
     def __init__(self, pieces: list, stats):
         self.pieces, self.stats = pieces, stats
         # sign_ab and the row kernels store their sums; the column kernels add into them.
-        self.needs_zero = not all(P.overwrites_every_slot(pc, ("sign", "rows_local", "rows")) for pc in pieces)
+        self._needs_zero = not all(P.overwrites_every_slot(pc, ("sign", "rows_local", "rows")) for pc in pieces)
         self.calls_a: dict[tuple, _Call] = {}
         self.calls_b: dict[tuple, _Call] = {}
         self.offsets, off = [], 0
@@ -131,7 +131,7 @@ class CpuBackend:
 
     def phase_a(self) -> None:
         self._bind()
-        if self.needs_zero:
+        if self._needs_zero:
             self.stats.zero_()
         op, pieces, stats = ops(), self.pieces, self.stats
         for c in self.calls_a.values():

@@ -66,7 +66,7 @@ class TritonBackend:
                                    P.run_view(pc.momentum, run), slot))
             off += P.stats_size(pc)
         # The row kernels store each row's sum; the column and sign kernels add atomically.
-        self.needs_zero = not all(P.overwrites_every_slot(pc, ("rows_local", "rows")) for pc in pieces)
+        self._needs_zero = not all(P.overwrites_every_slot(pc, ("rows_local", "rows")) for pc in pieces)
         self.no_flag = torch.zeros(1, dtype=torch.float32, device=self.device)
         for g in self.groups.values():
             self._static_tables(g)
@@ -125,7 +125,7 @@ class TritonBackend:
 
     def phase_a(self) -> None:
         self._bind()
-        if self.needs_zero:
+        if self._needs_zero:
             self.stats.zero_()
         for g in self.groups.values():
             mode = K.MODE_A if g.kind in ("rows", "cols") else K.MODE_ONE_PASS

@@ -164,9 +164,8 @@ def test_the_gpu_checks_exactness_part_runs_on_cpu_tensors():
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_the_functional_step_equals_the_optimizer(backend):
-    from moga_dist.core.functional import Piece
+    from moga_dist.core.functional import Piece, moga
     from moga_dist.core.plan import build_plan
-    from moga_dist.core.program import moga
     from moga_dist.core.scaling import update_scales
 
     gen = torch.Generator().manual_seed(3)

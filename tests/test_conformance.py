@@ -96,7 +96,7 @@ def test_switching_backend_between_steps_reaches_the_step():
     p.grad = torch.randn(6, 5)
     opt.step()
     assert set(opt.last_program.backend_of.values()) == {"cpu"}
-    opt.fused = False
+    opt.backend = "torch"
     p.grad = torch.randn(6, 5)
     opt.step()
     assert set(opt.last_program.backend_of.values()) == {"torch"}

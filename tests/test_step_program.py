@@ -107,3 +107,24 @@ def test_loading_a_state_dict_replaces_the_momentum_the_step_uses():
     want, _ = reference_step(w0, g.double(), torch.full((5, 6), 2.0, dtype=torch.float64), "hidden",
                              lr=0.02, momentum=0.5)
     assert (p.detach().double() - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+
+
+def test_the_optimizer_steps_through_the_public_functional_moga(monkeypatch):
+    # One step path: MOGA.step calls functional.moga (the function users call) with its cached
+    # program, the same one every step (no per-step rebuild). Fails on a step that runs its own path.
+    from moga_dist.core import functional, optimizer
+
+    calls = []
+
+    def spy(pieces, **kwargs):
+        calls.append((pieces, kwargs["program"]))
+        return functional.moga(pieces, **kwargs)
+
+    monkeypatch.setattr(optimizer, "moga", spy)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = MOGA([{"params": [p], "role": "hidden"}], lr=0.02)
+    for _ in range(3):
+        p.grad = torch.randn(6, 5)
+        opt.step()
+    assert len(calls) == 3
+    assert all(program is opt.last_program and pieces is program.pieces for pieces, program in calls)

@@ -1,10 +1,12 @@
-"""Backends of the MOGA step, chosen per piece by device, torch.optim's way (`adam()` ->
-`_single_tensor_adam` / `_multi_tensor_adam` / `_fused_adam`).
+"""Backends of the MOGA step, chosen per piece by device, torch.optim's way (`adamw()` ->
+`_single_tensor_adamw` / `_multi_tensor_adamw` / `_fused_adamw`).
 
-Every backend builds `Batches` from (pieces, their offsets in the statistics arena) and offers the
-same five calls: bind (after each step's gradients, lr and decay are set on the pieces), phase_a,
-phase_b, undo and release. The names:
-- "torch": the plain per-piece loop of functional.py, the readable reference the tests compare to;
+Every backend is a class with one signature: `Backend(pieces, stats)` prepares its work once
+(stats: the pieces' statistics, one contiguous fp32 or float64 vector of Σ stats_size), then each
+step calls `phase_a()`, then `phase_b(refused)` or `undo(refused)` (refused: None, or the sync-free
+device flag [1] the backend must honour). Each call re-reads the gradients, lr and decay from the
+pieces. The names:
+- "torch": the plain per-piece loop of piece.py, the readable reference the tests compare to;
   any device, any dtype, any exponent, lookahead.
 - "cpu": the fused C++/OpenMP kernels (fp32, contiguous, CPU, exponent 2, no lookahead).
 - "triton": the multi-tensor Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1) for fp32
@@ -19,7 +21,8 @@ import os
 
 import torch
 
-from . import functional as F
+from . import piece as P
+from .piece import Piece
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -34,11 +37,11 @@ def triton_available() -> bool:
     return True
 
 
-def _fused_math(piece: F.Piece) -> bool:
+def _fused_math(piece: Piece) -> bool:
     return (piece.plan is None or piece.exponent == 2.0) and piece.lookahead is None
 
 
-def accepts(backend: str, piece: F.Piece) -> bool:
+def accepts(backend: str, piece: Piece) -> bool:
     """Whether `backend` computes `piece` (else the torch loop does)."""
     if backend == "torch":
         return True
@@ -58,58 +61,54 @@ def accepts(backend: str, piece: F.Piece) -> bool:
     raise ValueError(f"backend={backend!r}: allowed {BACKENDS}")
 
 
-def choose(requested: str, piece: F.Piece) -> str:
+def choose(requested: str, piece: Piece) -> str:
     """The backend that computes `piece`: `requested` where it accepts the piece, else torch."""
     if requested == "auto":
         requested = "triton" if piece.param.is_cuda else "cpu"
     return requested if accepts(requested, piece) else "torch"
 
 
-def one_pass(backend: str, piece: F.Piece) -> bool:
+def one_pass(backend: str, piece: Piece) -> bool:
     """Whether the backend updates the piece in phase A (every statistic of it is on this rank)."""
     return backend != "torch" and (piece.plan is None or (piece.plan.axis == "row" and not piece.plan.group_slots))
 
 
-class TorchBatches:
-    """The plain loop: functional.phase_a / phase_b per piece."""
+class TorchBackend:
+    """The plain loop: piece.phase_a / phase_b per piece (`_single_tensor_adamw`'s place)."""
 
-    native_gate = False
-    needs_zero = True       # functional.phase_a adds into its statistics
+    def __init__(self, pieces: list[Piece], stats: torch.Tensor):
+        self.pieces, self.stats = pieces, stats
+        sizes = [P.stats_size(pc) for pc in pieces]
+        self.views = list(stats.split(sizes)) if pieces else []
 
-    def __init__(self, pieces: list[F.Piece], offsets: list[int]):
-        self.pieces, self.offsets = pieces, offsets
+    def phase_a(self) -> None:
+        self.stats.zero_()          # piece.phase_a adds into its statistics
+        for pc, st in zip(self.pieces, self.views):
+            P.phase_a(pc, st)
 
-    def bind(self) -> None:
-        pass
+    def phase_b(self, refused: torch.Tensor | None = None) -> None:
+        P.gated(self.pieces, refused, self._phase_b, skip_when_refused=True)
 
-    def release(self) -> None:
-        pass
+    def undo(self, refused: torch.Tensor | None = None) -> None:
+        P.gated(self.pieces, refused, self._undo, skip_when_refused=False)
 
-    def _stats(self, arena: torch.Tensor):
-        for pc, off in zip(self.pieces, self.offsets):
-            yield pc, arena[off:off + F.stats_size(pc)]
+    def _phase_b(self) -> None:
+        for pc, st in zip(self.pieces, self.views):
+            P.phase_b(pc, st if pc.plan is None else P.inverse_denominators(st, pc.exponent, pc.eps))
 
-    def phase_a(self, arena: torch.Tensor) -> None:
-        for pc, st in self._stats(arena):
-            F.phase_a(pc, st)
-
-    def phase_b(self, arena: torch.Tensor, refused: torch.Tensor | None = None) -> None:
-        for pc, st in self._stats(arena):
-            F.phase_b(pc, st if pc.plan is None else F.inverse_denominators(st, pc.exponent, pc.eps))
-
-    def undo(self, arena: torch.Tensor, refused: torch.Tensor | None = None) -> None:
-        for pc, _ in self._stats(arena):
-            F.undo_momentum(pc)
+    def _undo(self) -> None:
+        for pc in self.pieces:
+            P.undo_momentum(pc)
 
 
-def make_batches(backend: str, pieces: list[F.Piece], offsets: list[int]):
-    """The backend's Batches over `pieces` (offsets: each piece's first slot in the arena)."""
-    if backend == "torch":
-        return TorchBatches(pieces, offsets)
-    if backend == "cpu":
-        from ..kernels.cpu import CpuBatches
+def make_backend(name: str, pieces: list[Piece], stats: torch.Tensor):
+    """Backend `name` ("torch" | "cpu" | "triton") prepared for `pieces` and their statistics."""
+    if name == "torch":
+        return TorchBackend(pieces, stats)
+    if name == "cpu":
+        from ..kernels.cpu import CpuBackend
 
-        return CpuBatches(pieces, offsets)
-    from ..kernels.triton_batches import TritonBatches
+        return CpuBackend(pieces, stats)
+    from ..kernels.triton_backend import TritonBackend
 
-    return TritonBatches(pieces, offsets)
+    return TritonBackend(pieces, stats)

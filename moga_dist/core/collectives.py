@@ -2,7 +2,7 @@
 
 All slots of one step that need the same process group are packed into one buffer and summed
 with one all_reduce; flat-partition (data-parallel) groups go first, tensor-parallel groups
-second, so a statistic split both ways is complete after the two stages. Groups are always
+second (`StatReducer.reduce_order`), so a statistic split both ways is complete after both. Groups are always
 explicit handles looked up by the layout's group key; WORLD is never used implicitly. Buffers
 live on the statistics' device (NCCL for CUDA tensors, gloo for CPU ones).
 """
@@ -49,28 +49,35 @@ class StatReducer:
     def __init__(self, process_groups: dict | None = None):
         self.process_groups = dict(process_groups or {})
         self.counter = CommCounter()
-        self.stage: dict[str, int] = {}      # group key -> 0 (flat/DP, first) or 1 (TP, second)
+        # The groups every step reduces over, and when: group key -> 0 (flat/DP, first) or 1 (TP, second).
+        self.reduce_order: dict[str, int] = {}
 
-    def check_group(self, key: str, expected_size: int, stage: int) -> None:
+    @property
+    def groups_in_order(self) -> list[str]:
+        """The keys of the groups every step reduces over, in the order it reduces them."""
+        return sorted(self.reduce_order, key=lambda k: (self.reduce_order[k], k))
+
+    def check_group(self, key: str, expected_size: int, order: int) -> None:
         """Raise unless `key` names a group of `expected_size` ranks; from now on every step
-        reduces over it (at `stage`), so its ranks agree on every verdict."""
+        reduces over it (`order` 0: with the flat/DP groups, first; 1: with the TP groups, second),
+        so its ranks agree on every verdict."""
         if key not in self.process_groups:
             raise ValueError(f"layout needs process group {key!r} (size {expected_size}); pass "
                              f"process_groups={{{key!r}: <group>}} (known: {sorted(self.process_groups)})")
         size = group_size(self.process_groups[key])
         if size != expected_size:
             raise ValueError(f"process group {key!r} has {size} ranks but the layout says {expected_size}")
-        self.stage[key] = stage
+        self.reduce_order[key] = order
 
     def reduce(self, items: list[tuple[Plan, torch.Tensor]], flag: torch.Tensor) -> None:
         """Sum, in place, each stats tensor's slots listed in its plan, and the verdict `flag`
         [1] (> 0: non-finite), across every declared group: one all_reduce per group per step,
-        DP stage then TP stage, so across both every rank of a TP x DP grid hears every verdict.
+        DP groups then TP groups, so across both every rank of a TP x DP grid hears every verdict.
 
         `items` must come in the same order on every rank of a group (MOGA sorts them by a global
         key); a rank that holds nothing of a parameter passes zeros for it (a "ghost"). A group
         with no shared slot this step still carries the flag (4 bytes): no rank is left waiting."""
-        for key in sorted(self.stage, key=lambda k: (self.stage[k], k)):
+        for key in self.groups_in_order:
             if key not in self.process_groups:
                 raise ValueError(f"process group {key!r} is not set: a copied or unpickled MOGA keeps its layouts "
                                  f"but not process-group handles; call set_process_group({key!r}, group)")

@@ -1,195 +1,135 @@
-"""MOGA's math on local tensors: a pure function of (param, grad, momentum, plan, hyper-params).
+"""MOGA's step as a function, torch.optim's way: `moga(pieces, ...)` is to `MOGA.step` what
+`torch.optim.adamw.adamw(...)` is to `AdamW.step`, and `MOGA.step` calls it.
 
-Two phases so that one code path serves 1 and N ranks: phase A updates the momentum and returns
-partial sums Σ|u|^r per statistic (row or block-column); the caller sums those across ranks where
-the plan says so (collectives.py) and phase B applies the normalized update. Must not import
-torch.distributed or any engine.
+A step over rank-local pieces (piece.py): phase A (momentum and partial statistics), the
+non-finite verdict and the sum of shared statistics across ranks (`reduce`), then phase B (the
+update) or the undo of phase A. Each piece is computed by one backend (backends.py: torch, cpu,
+triton), chosen per piece. A `StepProgram` holds what a step over the same pieces reuses: the
+backend of each piece, their prepared kernel arguments and the statistics buffers; MOGA keeps one
+across steps, so a step allocates nothing and rebuilds nothing. Must not import any engine.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .plan import Plan
+from . import backends
+from . import piece as P
+from .piece import Piece
 
 
 @dataclass
-class Piece:
-    """One rank-local tensor to update.
+class Verdict:
+    """What a step decided. refused: bool, or in sync-free mode a device tensor [1] (1.0 = refused);
+    elsewhere: the non-finite statistic was another rank's (default mode only)."""
 
-    param: local data, any float dtype, numel N (flat view is used); grad: same numel (a step
-    binds it and releases it to None afterwards); momentum: fp32, numel N; plan: reduction plan
-    (None for sign-updated roles); exponent: r of the partial sums; scales: lr multipliers per
-    block; lr and decay (1 - lr*wd): refreshed every step.
-    """
-
-    param: torch.Tensor
-    grad: torch.Tensor | None
-    momentum: torch.Tensor
-    plan: Plan | None
-    exponent: float
-    beta: float
-    lookahead: float | None
-    lr: float
-    scales: list[float]
-    decay: float
-    eps: float
-    name: str = ""
-    one_pass: bool = False      # set by the step program: the backend updates it in phase A
-    lookahead_buffer: torch.Tensor | None = None   # phase A -> phase B only, released by the step
-
-    @property
-    def kind(self) -> str:
-        """The fused kernels' kind: sign (no plan), rows_local (one pass), rows or cols."""
-        if self.plan is None:
-            return "sign"
-        return "rows_local" if self.one_pass else f"{self.plan.axis}s"
-
-    def scale_of(self, run) -> float:
-        """The lr multiplier of `run`'s block (None: the whole piece)."""
-        return self.scales[run.block if run is not None and len(self.scales) > 1 else 0]
+    refused: bool | torch.Tensor
+    elsewhere: bool = False
 
 
-def overwrites_every_slot(piece: Piece, stored_kinds: tuple[str, ...]) -> bool:
-    """Whether phase A of a backend whose kernels *store* (not add) the statistics of the kinds in
-    `stored_kinds` rewrites every statistic slot of `piece`, so its arena needs no zeroing. The
-    CPU and Triton batches both decide needs_zero with it (only their stored kinds differ)."""
-    kind = piece.kind
-    if kind not in stored_kinds:
-        return False
-    return piece.plan is None or piece.plan.each_slot_once()
+def moga(pieces: list[Piece], *, reduce: Callable[[torch.Tensor], None] | None = None, backend: str = "auto",
+         sync_free: bool = False, program: StepProgram | None = None) -> Verdict:
+    """One MOGA step over rank-local pieces, in place; a refused step is undone.
+
+    pieces: a Piece per local tensor (param [N], grad [N], fp32 momentum [N], its reduction plan
+    from plan.build_plan or None for sign roles, lr, decay, scales). reduce(flag): sums, in place
+    across ranks, the statistic slots the plans share and the verdict flag [1] (> 0: a rank saw a
+    non-finite statistic); None on one rank. backend: "auto" | "torch" | "cpu" | "triton".
+    sync_free: never ask the host (the verdict is a device tensor and gates phase B and the undo).
+    program: StepProgram(pieces, backend) built once and passed on every call over the same pieces
+    (MOGA.step passes its cached one); None builds one for this call."""
+    if program is None:
+        program = StepProgram(pieces, backend)
+    elif program.pieces is not pieces or program.backend != backend:
+        raise ValueError(f"program was built for other pieces or backend {program.backend!r} (asked: {backend!r}); "
+                         "build StepProgram(pieces, backend) for these pieces")
+    try:
+        program.phase_a()
+        if reduce is None and not sync_free:        # one rank, the common CPU case: one host read
+            if math.isfinite(float(program.stats_total())):
+                program.phase_b()
+                return Verdict(False)
+            program.undo()
+            return Verdict(True)
+        # Statistics are sums of |u|^r >= 0, so their total is finite iff every one is; a sum of
+        # finite partial sums can still overflow, so the reduced total is checked too.
+        bad = ~torch.isfinite(program.stats_total()).view(1)
+        flag = bad.float()
+        if reduce is not None:
+            reduce(flag)
+            bad = (flag > 0) | ~torch.isfinite(program.stats_total()).view(1)
+        if sync_free:
+            refused = bad.float()
+            program.undo(refused)
+            program.phase_b(refused)
+            return Verdict(refused)
+        if bool(bad):
+            own_bad = not all(bool(torch.isfinite(st).all()) for st in program.stats)
+            program.undo()
+            return Verdict(True, elsewhere=not own_bad)
+        program.phase_b()
+        return Verdict(False)
+    finally:
+        for pc in program.lookahead_pieces:
+            pc.lookahead_buffer = None          # phase A -> phase B only
 
 
-def flat_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+class StepProgram:
+    """A step over `pieces` (gradients bound) prepared once: the backend of each piece, the
+    backends' prepared work and the statistics they write.
 
+    arenas: {dtype: [Σ stats_size]} on the pieces' device (fp32; float64 for float64 pieces,
+    whose math stays float64), each backend's pieces contiguous in it; stats[k]: piece k's
+    statistics (a view of its arena); backend_of[k]: the backend computing piece k."""
 
-def direction_source(piece: Piece) -> torch.Tensor:
-    """The tensor whose normalization is the update: the momentum, or the lookahead blend."""
-    return piece.momentum if piece.lookahead is None else piece.lookahead_buffer
+    def __init__(self, pieces: list[Piece], backend: str = "auto", device: torch.device | None = None):
+        self.pieces, self.backend = pieces, backend
+        self.device = pieces[0].momentum.device if pieces else (device or torch.device("cpu"))
+        chosen: dict[tuple, list[int]] = {}     # (backend, statistics dtype) -> piece indices
+        for k, pc in enumerate(pieces):
+            name = backends.choose(backend, pc)
+            pc.one_pass = backends.one_pass(name, pc)
+            chosen.setdefault((name, P.stats_dtype(pc)), []).append(k)
+        self.backend_of = {k: name for (name, _), ks in chosen.items() for k in ks}
+        used: dict[torch.dtype, int] = {}
+        spans = {}
+        for (name, dt), ks in chosen.items():
+            n = sum(P.stats_size(pieces[k]) for k in ks)
+            spans[name, dt] = (used.get(dt, 0), n)
+            used[dt] = used.get(dt, 0) + n
+        self.arenas = {dt: torch.zeros(n, dtype=dt, device=self.device) for dt, n in used.items()} \
+            or {torch.float32: torch.zeros(0, device=self.device)}
+        self.stats: list[torch.Tensor] = [torch.empty(0)] * len(pieces)
+        self.backends = []
+        for (name, dt), ks in chosen.items():
+            start, n = spans[name, dt]
+            stats = self.arenas[dt][start:start + n]
+            self.backends.append(backends.make_backend(name, [pieces[k] for k in ks], stats))
+            for k, view in zip(ks, stats.split([P.stats_size(pieces[k]) for k in ks])):
+                self.stats[k] = view
+        self.lookahead_pieces = [pc for pc in pieces if pc.lookahead is not None]
 
+    def stats_total(self) -> torch.Tensor:
+        """Σ of every statistic (finite iff each is: they are sums of |u|^r >= 0), as a 0-dim tensor."""
+        totals = [a.sum() for a in self.arenas.values()]
+        return totals[0] if len(totals) == 1 else torch.stack([t.double() for t in totals]).sum()
 
-def stats_size(piece: Piece) -> int:
-    """Length of the piece's statistics vector (1 for sign roles: a finiteness probe)."""
-    return 1 if piece.plan is None else piece.plan.num_stats
+    def phase_a(self) -> None:
+        """Momentum and partial statistics for every piece; one-pass pieces are also updated."""
+        for b in self.backends:
+            b.phase_a()
 
+    def phase_b(self, refused: torch.Tensor | None = None) -> None:
+        """The update of every piece not already updated in phase A, from the summed statistics;
+        with `refused` (sync-free), a no-op where it is set."""
+        for b in self.backends:
+            b.phase_b(refused)
 
-def stats_dtype(piece: Piece) -> torch.dtype:
-    """The dtype of the piece's statistics: its momentum's (float64 pieces keep float64 math), else fp32."""
-    return torch.float64 if piece.momentum.dtype == torch.float64 else torch.float32
-
-
-def phase_a(piece: Piece, stats: torch.Tensor) -> None:
-    """Update the momentum in place and write partial sums (stats_dtype) into the zeroed `stats`
-    [stats_size(piece)] (sign roles: the ℓ1 norm of the direction, to detect non-finite grads)."""
-    m, g = flat_view(piece.momentum), flat_view(piece.grad)
-    w = 1.0 - piece.beta
-    if piece.lookahead is not None:
-        # Lookahead (Alg. 1's β2) blends the *old* buffer with g, so it is taken before the update.
-        piece.lookahead_buffer = m.lerp(g.to(m.dtype), 1.0 - piece.lookahead)
-    plan = piece.plan
-    if plan is None:
-        m.lerp_(g.to(m.dtype), w)
-        stats[0] = torch.linalg.vector_norm(direction_source(piece), 1)
-        return
-    for run in plan.runs:
-        n = run.nrows * run.ncols
-        m2 = m[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        g2 = g[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        m2.lerp_(g2.to(m2.dtype), w)
-        u = m2 if piece.lookahead is None else \
-            piece.lookahead_buffer[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        dim = 1 if plan.axis == "row" else 0
-        part = torch.linalg.vector_norm(u, piece.exponent, dim=dim).pow_(piece.exponent)
-        k = part.numel()
-        stats[run.stat_start:run.stat_start + k] += part
-
-
-def inverse_denominators(stats: torch.Tensor, exponent: float, eps: float) -> torch.Tensor:
-    """1 / max(‖u‖_r^(r-1), eps) from summed |u|^r (eps floors the norm: a zero row -> zero update)."""
-    r = exponent
-    denom = stats.clamp_min(0.0).pow((r - 1.0) / r) if r != 2.0 else stats.clamp_min(0.0).sqrt()
-    return denom.clamp_min_(eps).reciprocal_()
-
-
-def _direction(u: torch.Tensor, exponent: float) -> torch.Tensor:
-    if exponent == 2.0:
-        return u
-    return u.sign() * u.abs().pow(exponent - 1.0)
-
-
-def phase_b(piece: Piece, inv: torch.Tensor) -> None:
-    """Apply p <- p*decay - lr*scale*D with D = u * inv (inv from inverse_denominators of the
-    summed statistics, [stats_size(piece)]), or D = sign(u) for sign roles."""
-    p = flat_view(piece.param)
-    u = flat_view(direction_source(piece))
-    plan = piece.plan
-    if plan is None:
-        alpha = piece.lr * piece.scales[0]
-        if p.dtype == u.dtype:
-            p.mul_(piece.decay).add_(u.sign(), alpha=-alpha)
-        else:
-            p.copy_(p.to(u.dtype).mul_(piece.decay).add_(u.sign(), alpha=-alpha))
-        return
-    for run in plan.runs:
-        n = run.nrows * run.ncols
-        p2 = p[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        u2 = u[run.offset:run.offset + n].view(run.nrows, run.ncols)
-        alpha = piece.lr * piece.scale_of(run)
-        k = run.nrows if plan.axis == "row" else run.ncols
-        scale = inv[run.stat_start:run.stat_start + k]
-        scale = scale.view(-1, 1) if plan.axis == "row" else scale.view(1, -1)
-        d = _direction(u2, piece.exponent)
-        if p2.dtype == u2.dtype:
-            p2.mul_(piece.decay).addcmul_(d, scale.to(u2.dtype), value=-alpha)
-        else:
-            p2.copy_(p2.to(u2.dtype).mul_(piece.decay).addcmul_(d, scale, value=-alpha))
-
-
-def undo_momentum(piece: Piece, refused: torch.Tensor | None = None) -> None:
-    """Revert phase A's momentum update (used when a step is refused for non-finite gradients);
-    with `refused` (a device flag [1], sync-free mode) only where it is set.
-
-    Exact up to rounding where the gradient was finite; entries whose gradient was not finite
-    cannot be recovered and are reset to zero.
-    """
-    m = flat_view(piece.momentum)
-    g = flat_view(piece.grad).to(m.dtype)
-    if piece.beta == 0.0:
-        old = torch.zeros_like(m)
-    else:
-        finite = torch.isfinite(g)
-        old = (m - torch.where(finite, g, torch.zeros_like(g)) * (1.0 - piece.beta)) / piece.beta
-        old.masked_fill_(~finite, 0.0)
-    m.copy_(old if refused is None else torch.where((refused > 0).reshape(()), old, m))
-
-
-def run_view(t: torch.Tensor, run) -> torch.Tensor:
-    """The [nrows, ncols] block of `t` that `run` names (t itself when it already is that block);
-    run None: all of `t`, flat [numel] (sign roles have no runs)."""
-    if run is None:
-        return flat_view(t)
-    if run.offset == 0 and t.dim() == 2 and t.shape[0] == run.nrows and t.shape[1] == run.ncols:
-        return t
-    n = run.nrows * run.ncols
-    return flat_view(t)[run.offset:run.offset + n].view(run.nrows, run.ncols)
-
-
-def undo_one_pass(piece: Piece, stats: torch.Tensor) -> None:
-    """Revert the parameter update phase_a_all made for a one-pass piece (before undo_momentum).
-
-    Inverts p_new = p*decay - alpha*D row by row (exact up to rounding); rows the kernel skipped
-    because their norm was not finite were never written."""
-    if piece.plan is None:
-        sign = torch.nan_to_num(flat_view(piece.momentum).sign(), nan=0.0)
-        flat_view(piece.param).add_(sign, alpha=piece.lr * piece.scales[0]).div_(piece.decay)
-        return
-    for run in piece.plan.runs:
-        p2, m2 = run_view(piece.param, run), run_view(piece.momentum, run)
-        acc = stats[run.stat_start:run.stat_start + run.nrows]
-        finite = torch.isfinite(acc)
-        scale = torch.where(finite, inverse_denominators(acc, 2.0, piece.eps), torch.zeros_like(acc))
-        restored = (p2 + torch.nan_to_num(m2, nan=0.0, posinf=0.0, neginf=0.0) * (scale * piece.lr *
-                    piece.scales[0]).view(-1, 1)) / piece.decay
-        p2.copy_(torch.where(finite.view(-1, 1), restored, p2))
+    def undo(self, refused: torch.Tensor | None = None) -> None:
+        """Restore parameters and momentum of a refused step (to rounding); with `refused`
+        (sync-free), a no-op where it is not set."""
+        for b in self.backends:
+            b.undo(refused)

@@ -1,9 +1,10 @@
 """`MOGA`, a torch.optim.Optimizer: momentum, then row- (or column-) normalized updates with
 width-aware scales; sign updates for embeddings and vectors.
 
-Owns validation, state, the interface engines use, and checkpoints. The step program is built
-by step_builder.py and run by program.py; the math is in functional.py and the backends, the
-reductions in collectives.py. No engine is imported here.
+Owns validation, state, the interface engines use, and checkpoints. A step is torch.optim's
+shape: `step` -> `_init_group` (the pieces, cached by step_builder.py) -> `moga()`, the functional
+form (functional.py) -> one backend per piece (backends.py: torch loop, cpu, triton kernels); the
+reductions are in collectives.py. No engine is imported here.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from .backends import BACKENDS
 from .collectives import StatReducer
 from .dtensor import declare_dtensors, declare_swapped_dtensors, local_view
 from .flat import FlatSegment
+from .functional import StepProgram, moga
 from .hparams import check_hparams
 from .layout import ShardLayout
 from .plan import build_plan
-from .program import StepProgram
 from .roles import resolve_missing_roles
 from .step_builder import ProgramCache
 from .tensors import FlatBuffer, Ghost, TensorRegistry, role_of
@@ -68,7 +69,9 @@ class MOGA(torch.optim.Optimizer):
         backend ("auto" | "torch" | "cpu" | "triton"): who computes the step (core/backends.py):
             auto picks the Triton kernels for CUDA tensors and the fused C++ kernels for CPU ones;
             torch is the plain loop. A piece a backend does not accept goes to the torch loop
-            (the same update). ``fused=False`` is the old spelling of backend="torch".
+            (the same update). ``fused=False`` is the old spelling of backend="torch", kept for
+            callers that pass torch.optim's ``fused`` argument (litgpt); there is no ``fused``
+            attribute: read or set ``backend``.
         sync_free (bool, False): never ask the host during a step (for CUDA graphs and
             torch.compile): a non-finite step is then skipped on every rank and counted in
             ``skipped_steps`` (a device tensor), as GradScaler does, instead of raising.
@@ -241,9 +244,9 @@ class MOGA(torch.optim.Optimizer):
 
     def _check_groups(self, layout: ShardLayout) -> None:
         if layout.tp is not None and layout.tp.world_size > 1:
-            self.reducer.check_group(layout.tp.group, layout.tp.world_size, stage=1)
+            self.reducer.check_group(layout.tp.group, layout.tp.world_size, order=1)
         if layout.flat is not None and len(layout.flat.ranges) > 1:
-            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges), stage=0)
+            self.reducer.check_group(layout.flat.group, len(layout.flat.ranges), order=0)
 
     # ----- step ------------------------------------------------------------------------------
     def init_state(self, tensor: torch.Tensor) -> dict:
@@ -256,15 +259,6 @@ class MOGA(torch.optim.Optimizer):
                                                        memory_format=torch.contiguous_format)
             state["step"] = 0
         return state
-
-    @property
-    def fused(self) -> bool:
-        """Whether a fused backend may compute the step (False: the plain torch loop)."""
-        return self.backend != "torch"
-
-    @fused.setter
-    def fused(self, value: bool) -> None:
-        self.backend = "auto" if value else "torch"
 
     @property
     def backend(self) -> str:
@@ -281,48 +275,44 @@ class MOGA(torch.optim.Optimizer):
 
     @property
     def last_program(self) -> StepProgram | None:
-        """The step program of the last step (None before the first): which backend computed each
-        piece (`backend_of`), the pieces and their statistics, for inspection."""
+        """The StepProgram of the last step (None before the first): the pieces, which backend
+        computed each (`backend_of`) and their statistics (`stats`), for inspection."""
         return self._programs.program
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One MOGA step over all groups: momentum + partial sums, one reduction, update."""
+        """One MOGA step over all groups: momentum and partial statistics, one reduction across
+        ranks, the update. torch.optim's shape: _init_group, then the functional moga()."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self._suspended:
             return loss
-        program = self._programs.get(self)
-        if not program.pieces and not self.tensors.ghosts and not self.reducer.stage:
-            return loss
         try:
-            verdict = program.run(self._reduce_fn(program), sync_free=self.sync_free)
+            pieces, program, reduce = self._init_group()
+            if not pieces and reduce is None:
+                return loss
+            verdict = moga(pieces, reduce=reduce, backend=self.backend, sync_free=self.sync_free, program=program)
             if self.sync_free:
                 if self.skipped_steps is None:
                     self.skipped_steps = torch.zeros((), device=program.device)
                 self.skipped_steps.add_(verdict.refused.reshape(()))
             elif verdict.refused:
                 self._refuse_non_finite(program, verdict.elsewhere)       # raises: the step is not counted
-            for state in program.states:
-                state["step"] += 1
+            self._programs.count_step()
         finally:
-            program.release()
+            self._programs.release()        # the step's gradient references
         return loss
 
-    def _reduce_fn(self, program: StepProgram):
-        """The step's reduction: every shared statistic slot plus the verdict flag [1], in one
-        all-reduce per process group. It runs on every step where groups are declared, so every
-        rank agrees on a refusal even when no statistic is shared (no rank is left waiting)."""
-        if not self.reducer.stage:
-            return None
-
-        def reduce(flag: torch.Tensor) -> None:
-            for stats in program.ghost_stats:
-                stats.zero_()
-            self.reducer.reduce(program.reduce_items, flag)
-        return reduce
+    def _init_group(self):
+        """(pieces, program, reduce) of this step: a Piece (piece.py: param, grad, momentum,
+        reduction plan, lr, decay) per parameter or flat-buffer segment with a gradient, the
+        StepProgram that computes them, and reduce(flag), which sums the statistics the plans share
+        and the verdict flag across ranks (None without process groups). Built from the param
+        groups and declarations once, then kept (step_builder.py): a step only binds the gradients
+        and re-reads lr and weight decay."""
+        return self._programs.get(self)
 
     @contextlib.contextmanager
     def suspended(self):
@@ -352,7 +342,7 @@ class MOGA(torch.optim.Optimizer):
         t = self.tensors
         state["moga"] = dict(
             backend=self._backend, sync_free=self.sync_free, save_layouts=self.save_layouts,
-            stage=dict(self.reducer.stage), ghosts=list(t.ghosts),
+            reduce_order=dict(self.reducer.reduce_order), ghosts=list(t.ghosts),
             **{name: {position[k]: v for k, v in table.items() if k in position}
                for name, table in (("layouts", t.layouts), ("options", t.options), ("order", t.order),
                                    ("flat", t.flat))})
@@ -369,7 +359,7 @@ class MOGA(torch.optim.Optimizer):
         for name in ("layouts", "options", "order", "flat"):
             getattr(self.tensors, name).update({id(params[i]): v for i, v in extra[name].items()})
         self.reducer = StatReducer(None)
-        self.reducer.stage = dict(extra["stage"])
+        self.reducer.reduce_order = dict(extra["reduce_order"] if "reduce_order" in extra else extra["stage"])
         self._backend, self.sync_free, self.save_layouts = extra["backend"], extra["sync_free"], extra["save_layouts"]
         self.skipped_steps, self._suspended = None, False
         self._programs = ProgramCache()

@@ -40,12 +40,11 @@ class Plan:
     num_stats: int
     block_rows: list[int]                       # global d_out of each block (for column scales)
     group_slots: dict[str, list[Interval]] = field(default_factory=dict)
-    group_stage: dict[str, int] = field(default_factory=dict)  # 0: flat (DP) sums first, 1: TP
 
     def each_slot_once(self) -> bool:
         """Whether the runs meet every statistic slot exactly once (a row slot per run row, a
         column slot per run column). A kernel that *stores* each run line's sum then leaves no
-        slot holding last step's value, so the arena needs no zeroing; a flat-partitioned piece
+        slot holding last step's value, so the statistics need no zeroing; a flat-partitioned piece
         that holds some rows only does not qualify (its other slots keep the last all-reduce)."""
         counts = [0] * self.num_stats
         for run in self.runs:
@@ -169,7 +168,6 @@ def build_plan(layout: ShardLayout, axis: str) -> Plan:
         shared = sorted(i for i, c in counts.items() if c > 1)
         if shared:
             plan.group_slots[layout.flat.group] = _intervals(shared)
-            plan.group_stage[layout.flat.group] = 0
 
     tp = layout.tp
     if tp is not None and tp.world_size > 1 and ((axis == "row") == (tp.dim == 1)):
@@ -184,5 +182,4 @@ def build_plan(layout: ShardLayout, axis: str) -> Plan:
                                  f"for {layout}; per-block column norms need a symmetric layout")
         if mine:
             plan.group_slots[tp.group] = _intervals(sorted(mine))
-            plan.group_stage[tp.group] = 1
     return plan

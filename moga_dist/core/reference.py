@@ -1,7 +1,7 @@
 """A readable float64 MOGA on whole (unsharded) tensors: the oracle the tests compare against.
 
 Written from the update rules (README.md's role table, `MOGA`'s docstring) without sharing code
-with functional.py, on purpose.
+with the step (piece.py, functional.py), on purpose.
 """
 from __future__ import annotations
 

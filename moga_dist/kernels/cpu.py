@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import functional as F
+from ..core import piece as P
 
 _STATE: dict = {}
 
@@ -81,7 +81,8 @@ def ops():
 @dataclass
 class _Call:
     """One batched kernel call: kind in {sign, rows_local, rows, cols}; per run its piece index,
-    run (None: the whole flat piece) and scale; the tensor and offset lists are fixed."""
+    run (None: the whole flat piece) and scale; the tensor and offset lists are fixed, decay and
+    alpha are refreshed every step."""
 
     kind: str
     eps: float
@@ -90,67 +91,72 @@ class _Call:
     w: list = field(default_factory=list)
     off: list = field(default_factory=list)
     src: list = field(default_factory=list)
-    g: list = field(default_factory=list)
     decay: list = field(default_factory=list)
     alpha: list = field(default_factory=list)
 
 
-class CpuBatches:
+class CpuBackend:
     """The fused C++ kernels over every piece they accept: one call per kind and eps per phase.
 
-    Why cached argument lists: at small widths a step's Python (views and lists) cost as much as
-    20% of the kernel time."""
+    Why argument lists prepared once: at small widths a step's Python (views and lists) cost as
+    much as 20% of the kernel time."""
 
-    native_gate = False
-
-    def __init__(self, pieces: list, offsets: list[int]):
-        self.pieces, self.offsets = pieces, offsets
+    def __init__(self, pieces: list, stats):
+        self.pieces, self.stats = pieces, stats
         # sign_ab and the row kernels store their sums; the column kernels add into them.
-        self.needs_zero = not all(F.overwrites_every_slot(pc, ("sign", "rows_local", "rows")) for pc in pieces)
+        self._needs_zero = not all(P.overwrites_every_slot(pc, ("sign", "rows_local", "rows")) for pc in pieces)
         self.calls_a: dict[tuple, _Call] = {}
         self.calls_b: dict[tuple, _Call] = {}
-        for k, (pc, off) in enumerate(zip(pieces, offsets)):
+        self.offsets, off = [], 0
+        for k, pc in enumerate(pieces):
+            self.offsets.append(off)
             kind = pc.kind
             targets = [self.calls_a] + ([self.calls_b] if kind in ("rows", "cols") else [])
             for calls in targets:
                 call = calls.setdefault((kind, pc.eps), _Call(kind, pc.eps))
                 for run in pc.plan.runs if pc.plan is not None else [None]:
-                    call.p.append(F.run_view(pc.param, run))
-                    call.m.append(F.run_view(pc.momentum, run))
+                    call.p.append(P.run_view(pc.param, run))
+                    call.m.append(P.run_view(pc.momentum, run))
                     call.w.append(1.0 - pc.beta)
                     call.off.append(off + (run.stat_start if run is not None else 0))
                     call.src.append((k, run, pc.scale_of(run)))
+            off += P.stats_size(pc)
 
-    def bind(self) -> None:
-        """Point every call at this step's gradients, lr and decay (set on the pieces)."""
+    def _bind(self) -> None:
+        """This step's lr and decay (set on the pieces) into every call's coefficient lists."""
         pieces = self.pieces
         for call in (*self.calls_a.values(), *self.calls_b.values()):
             call.alpha = [pieces[k].lr * scale for k, _, scale in call.src]
             call.decay = [pieces[k].decay for k, _, _ in call.src]
-        for call in self.calls_a.values():
-            call.g = [F.run_view(pieces[k].grad, run) for k, run, _ in call.src]
 
-    def release(self) -> None:
-        for call in self.calls_a.values():
-            call.g = []
-
-    def phase_a(self, arena) -> None:
-        op = ops()
+    def phase_a(self) -> None:
+        self._bind()
+        if self._needs_zero:
+            self.stats.zero_()
+        op, pieces, stats = ops(), self.pieces, self.stats
         for c in self.calls_a.values():
+            # The gradients are read every step and not kept: the caller may free them.
+            g = [P.run_view(pieces[k].grad, run) for k, run, _ in c.src]
             if c.kind == "sign":
-                op.sign_ab(c.p, c.m, c.g, c.w, arena, c.off, c.decay, c.alpha)
+                op.sign_ab(c.p, c.m, g, c.w, stats, c.off, c.decay, c.alpha)
             elif c.kind == "rows_local":
-                op.rows_ab(c.p, c.m, c.g, c.w, arena, c.off, c.decay, c.alpha, c.eps)
+                op.rows_ab(c.p, c.m, g, c.w, stats, c.off, c.decay, c.alpha, c.eps)
             else:
-                getattr(op, f"{c.kind}_a")(c.m, c.g, c.w, arena, c.off)
+                getattr(op, f"{c.kind}_a")(c.m, g, c.w, stats, c.off)
 
-    def phase_b(self, arena, refused=None) -> None:
+    def phase_b(self, refused=None) -> None:
+        P.gated(self.pieces, refused, self._phase_b, skip_when_refused=True)
+
+    def undo(self, refused=None) -> None:
+        P.gated(self.pieces, refused, self._undo, skip_when_refused=False)
+
+    def _phase_b(self) -> None:
         op = ops()
         for c in self.calls_b.values():
-            getattr(op, f"{c.kind}_b")(c.p, c.m, arena, c.off, c.decay, c.alpha, c.eps)
+            getattr(op, f"{c.kind}_b")(c.p, c.m, self.stats, c.off, c.decay, c.alpha, c.eps)
 
-    def undo(self, arena, refused=None) -> None:
+    def _undo(self) -> None:
         for pc, off in zip(self.pieces, self.offsets):
             if pc.one_pass:
-                F.undo_one_pass(pc, arena[off:off + F.stats_size(pc)])
-            F.undo_momentum(pc)
+                P.undo_one_pass(pc, self.stats[off:off + P.stats_size(pc)])
+            P.undo_momentum(pc)

@@ -1,5 +1,5 @@
-"""The Triton backend's Batches: run and work-item tables built once per step program, then one
-launch per (kind, dtype pair) per phase, whatever the number of parameters.
+"""The Triton backend: run and work-item tables built once per step program, then one launch per
+(kind, dtype pair) per phase, whatever the number of parameters.
 
 Tables live on the pieces' device. Gradient addresses, lr and decay are re-read every step and
 copied to the device only when they changed, so a step that a CUDA graph captured replays with
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import triton.language as tl
 
-from ..core import functional as F
+from ..core import piece as P
+from ..core.piece import Piece
 from . import triton as K
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
@@ -46,25 +47,26 @@ def _pow2(n: int, cap: int) -> int:
     return b
 
 
-class TritonBatches:
-    """Multi-tensor Triton launches over every piece this backend accepts."""
+class TritonBackend:
+    """Multi-tensor Triton launches over every piece this backend accepts; the kernels read the
+    sync-free flag themselves."""
 
-    native_gate = True
-
-    def __init__(self, pieces: list[F.Piece], offsets: list[int]):
-        self.pieces = pieces
+    def __init__(self, pieces: list[Piece], stats: torch.Tensor):
+        self.pieces, self.stats = pieces, stats
         self.device = pieces[0].param.device if pieces else torch.device("cpu")
         self.groups: dict[tuple, _Group] = {}
-        for k, (pc, off) in enumerate(zip(pieces, offsets)):
+        off = 0
+        for k, pc in enumerate(pieces):
             kind = pc.kind
             key = (kind, pc.param.dtype, pc.grad.dtype)
             group = self.groups.setdefault(key, _Group(kind, _TL[pc.param.dtype], _TL[pc.grad.dtype]))
             for run in pc.plan.runs if pc.plan is not None else [None]:
                 slot = off + (run.stat_start if run is not None else 0)
-                group.runs.append((k, run, pc.scale_of(run), F.run_view(pc.param, run),
-                                   F.run_view(pc.momentum, run), slot))
+                group.runs.append((k, run, pc.scale_of(run), P.run_view(pc.param, run),
+                                   P.run_view(pc.momentum, run), slot))
+            off += P.stats_size(pc)
         # The row kernels store each row's sum; the column and sign kernels add atomically.
-        self.needs_zero = not all(F.overwrites_every_slot(pc, ("rows_local", "rows")) for pc in pieces)
+        self._needs_zero = not all(P.overwrites_every_slot(pc, ("rows_local", "rows")) for pc in pieces)
         self.no_flag = torch.zeros(1, dtype=torch.float32, device=self.device)
         for g in self.groups.values():
             self._static_tables(g)
@@ -92,14 +94,14 @@ class TritonBatches:
         g.addr = torch.zeros(len(g.runs), 3, dtype=torch.int64, device=self.device)
         g.coef = torch.zeros(len(g.runs), 4, dtype=torch.float32, device=self.device)
 
-    def bind(self) -> None:
+    def _bind(self) -> None:
         """Refresh the gradient addresses and lr/decay of every run (copied only when changed)."""
         pieces = self.pieces
         for g in self.groups.values():
             rows_addr, rows_coef = [], []
             for k, run, scale, p, m, _ in g.runs:
                 pc = pieces[k]
-                rows_addr.append((p.data_ptr(), m.data_ptr(), F.run_view(pc.grad, run).data_ptr()))
+                rows_addr.append((p.data_ptr(), m.data_ptr(), P.run_view(pc.grad, run).data_ptr()))
                 rows_coef.append((1.0 - pc.beta, pc.decay, pc.lr * scale, pc.eps))
             key = (tuple(rows_addr), tuple(rows_coef))
             if key != g.host_key:
@@ -107,40 +109,40 @@ class TritonBatches:
                 g.coef.copy_(torch.tensor(rows_coef, dtype=torch.float32), non_blocking=True)
                 g.host_key = key
 
-    def release(self) -> None:
-        pass
-
-    def _launch(self, g: _Group, arena: torch.Tensor, flag: torch.Tensor, mode: int) -> None:
+    def _launch(self, g: _Group, stats: torch.Tensor, flag: torch.Tensor, mode: int) -> None:
         n = g.items.shape[0]
         if n == 0:
             return
         if g.kind == "sign":
-            K.sign_kernel[(n,)](g.items, g.addr, g.sizes, g.coef, arena, flag, MODE=mode, P_TYPE=g.p_type,
+            K.sign_kernel[(n,)](g.items, g.addr, g.sizes, g.coef, stats, flag, MODE=mode, P_TYPE=g.p_type,
                                 G_TYPE=g.g_type, BLOCK=SIGN_BLOCK)
         elif g.kind == "cols":
-            K.cols_kernel[(n,)](g.items, g.addr, g.sizes, g.coef, arena, flag, MODE=mode, P_TYPE=g.p_type,
+            K.cols_kernel[(n,)](g.items, g.addr, g.sizes, g.coef, stats, flag, MODE=mode, P_TYPE=g.p_type,
                                 G_TYPE=g.g_type, TILE_R=TILE_R, TILE_C=TILE_C)
         else:
-            K.rows_kernel[(n,)](g.items, g.addr, g.sizes, g.coef, arena, flag, MODE=mode, P_TYPE=g.p_type,
+            K.rows_kernel[(n,)](g.items, g.addr, g.sizes, g.coef, stats, flag, MODE=mode, P_TYPE=g.p_type,
                                 G_TYPE=g.g_type, BLOCK=g.block)
 
-    def phase_a(self, arena: torch.Tensor) -> None:
+    def phase_a(self) -> None:
+        self._bind()
+        if self._needs_zero:
+            self.stats.zero_()
         for g in self.groups.values():
             mode = K.MODE_A if g.kind in ("rows", "cols") else K.MODE_ONE_PASS
-            self._launch(g, arena, self.no_flag, mode)
+            self._launch(g, self.stats, self.no_flag, mode)
 
-    def phase_b(self, arena: torch.Tensor, refused: torch.Tensor | None = None) -> None:
+    def phase_b(self, refused: torch.Tensor | None = None) -> None:
         for g in self.groups.values():
             if g.kind in ("rows", "cols"):
-                self._launch(g, arena, self.no_flag if refused is None else refused, K.MODE_B)
+                self._launch(g, self.stats, self.no_flag if refused is None else refused, K.MODE_B)
 
-    def undo(self, arena: torch.Tensor, refused: torch.Tensor | None = None) -> None:
+    def undo(self, refused: torch.Tensor | None = None) -> None:
         """Restore a refused step: one-pass kinds by kernel (gated by `refused` when given); the
         momentum of two-phase kinds by the torch loop (their parameters were not written yet)."""
         flag = torch.ones(1, device=self.device) if refused is None else refused
         for g in self.groups.values():
             if g.kind in ("rows_local", "sign"):
-                self._launch(g, arena, flag, K.MODE_UNDO)
+                self._launch(g, self.stats, flag, K.MODE_UNDO)
             else:
                 for k in sorted({k for k, *_ in g.runs}):
-                    F.undo_momentum(self.pieces[k], refused)
+                    P.undo_momentum(self.pieces[k], refused)

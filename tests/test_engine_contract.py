@@ -16,7 +16,7 @@ from moga_dist.core.param_spec import ParamSpec
 from moga_dist.core.reference import reference_step
 from moga_dist.core.tensors import FlatBuffer
 
-HP = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
+HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.1}
 
 
 def _close(got, want):
@@ -156,7 +156,11 @@ def test_one_model_space_format_reads_each_containers_old_name_only():
 def test_deepspeed_model_space_files_of_each_name(tmp_path, name):
     """DeepSpeed model-space files written under the old name load as they are; Megatron's old
     name is refused by name, never misread."""
-    from moga_dist.engines.deepspeed_checkpoint import COMMON, model_space_weights, rank_file
+    from moga_dist.engines.deepspeed_checkpoint import (
+        COMMON,
+        model_space_weights,
+        rank_file,
+    )
 
     w = torch.arange(6.0).view(2, 3)
     torch.save({"format": name, "world_size": 2, "zero_stage": 1, "step": 1}, tmp_path / COMMON)

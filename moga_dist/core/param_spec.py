@@ -50,7 +50,7 @@ class ParamSpec:
         if self.role is not None and self.role not in ROLES:
             raise ValueError(f"ParamSpec {self.name!r}: role={self.role!r}; allowed: {list(ROLES)} or None")
         if not isinstance(self.layout, ShardLayout):
-            raise ValueError(f"ParamSpec {self.name!r}: layout must be a ShardLayout, got {type(self.layout).__name__}")
+            raise ValueError(f"ParamSpec {self.name!r}: layout must be a ShardLayout, got {type(self.layout).__name__}")  # noqa: TRY004
         if "role" in self.options:
             raise ValueError(f"ParamSpec {self.name!r}: the role goes in ParamSpec.role, not in options")
 
@@ -82,7 +82,7 @@ def check_slots(specs: Sequence[Sequence[Slot]], groups: list[dict]) -> list[lis
     for i, slots in enumerate(out):
         for j, spec in enumerate(slots):
             if not isinstance(spec, ParamSpec | FlatBuffer):
-                raise ValueError(f"param group {i} slot {j}: a ParamSpec or FlatBuffer, got {type(spec).__name__}")
+                raise ValueError(f"param group {i} slot {j}: a ParamSpec or FlatBuffer, got {type(spec).__name__}")  # noqa: TRY004
     return out
 
 

@@ -26,7 +26,8 @@ KINDS = {
     # one process, no ranks, no engine or job run
     "unit": ("test_backends", "test_conformance", "test_data", "test_edges", "test_kernels_built",
              "test_lr_provenance", "test_optimizer", "test_presets", "test_properties", "test_safe_load",
-             "test_step_program", "test_structure", "test_sweep", "test_sweep_fit", "test_job_contract"),
+             "test_step_program", "test_structure", "test_sweep", "test_sweep_fit", "test_job_contract",
+             "test_engine_contract"),
     # gloo ranks on the core alone (torch DDP at most): sharded MOGA equals unsharded MOGA; the spawn runner
     "distributed": ("test_ddp", "test_fuzz_layouts", "test_sharded", "test_spawn_phases"),
     # MOGA inside an engine: DeepSpeed, Megatron-core / Megatron-LM, FSDP1/FSDP2/DTensor, Hugging Face,

@@ -137,6 +137,10 @@ def refusals(rank, world):
         assert "lrr" in str(exc)
     else:
         raise AssertionError("unknown optimizer key was not refused")
+    # DeepSpeed's config-name path (no MOGA built first) works once moga_dist.engines.deepspeed is imported.
+    engine, *_ = deepspeed.initialize(model=Tiny(), config={**ds_config(1, 2, 1),
+                                                            "optimizer": {"type": "MOGA", "params": {"lr": 0.01}}})
+    assert isinstance(engine.basic_optimizer, MOGA), type(engine.basic_optimizer)
     # What cannot be exact is refused inside deepspeed.initialize, naming the config key, before any step.
     # DeepSpeed's CPU accelerator decides fp16 support from the CPU (mkldnn): where it lacks it,
     # DeepSpeed refuses fp16 itself first. Both refusals are accepted; the second pass simulates

@@ -5,7 +5,10 @@ name only files that exist, and every test module has one kind (tests/conftest.p
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "moga_dist"
@@ -220,3 +223,75 @@ def test_no_hand_set_kind_marker_disagrees_with_the_table():
 def test_hand_set_kind_check_can_fail():
     mark = "@pytest.mark."          # split, so this file does not carry the marker it tests for
     assert _hand_set_kinds(f"{mark}distributed\ndef test_x(): pass\n{mark}slow") == {"distributed"}
+
+
+def _core_private_names() -> set[str]:
+    """Underscore names the core defines: its private functions and classes, and the private
+    attributes its objects set on themselves (MOGA's `_programs`, `_suspended`, ...)."""
+    names = set()
+    for path in (ROOT / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+# MOGA attributes that are the core's own bookkeeping: an engine goes through the public
+# accessors (process_group, layout_of, options_of, declare*) instead.
+_CORE_INTERNALS = ("reducer", "tensors")
+
+
+def _engine_reads_of_core_internals(sources: dict[str, str]) -> list[str]:
+    private = _core_private_names()
+    found = []
+    for name, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Attribute) and (node.attr in private or node.attr in _CORE_INTERNALS):
+                found.append(f"{name}:{node.lineno} .{node.attr}")
+    return found
+
+
+def test_engines_read_no_core_internals():
+    """No engine adapter (nor the DTensor reader) reaches into MOGA's private attributes or its
+    registries (`optimizer.reducer.process_groups` was read by core/dtensor.py)."""
+    sources = {p.name: p.read_text() for p in (ROOT / "engines").rglob("*.py")}
+    assert _engine_reads_of_core_internals(sources) == []
+    # core/dtensor.py is core (it maintains the tensor registry) but asks for groups publicly
+    dtensor = _engine_reads_of_core_internals({"core/dtensor.py": (ROOT / "core" / "dtensor.py").read_text()})
+    assert [r for r in dtensor if r.endswith(".reducer")] == []
+    # the check can fail: the old reads it replaces
+    assert _engine_reads_of_core_internals({"old.py": "x = optimizer.reducer.process_groups\n"
+                                                      "moga._programs.clear()\n"}) == ["old.py:1 .reducer",
+                                                                                        "old.py:2 ._programs"]
+
+
+_PLACEHOLDER = re.compile(r"Parameter\(\s*torch\.(zeros|ones|empty|randn|rand)\(\s*\(?\s*1\s*,?\s*\)?\s*\)")
+
+
+def test_no_placeholder_parameter():
+    """Engines build MOGA with MOGA.from_engine, not around a dummy nn.Parameter(torch.zeros(1))
+    swapped out afterwards."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in ROOT.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if _PLACEHOLDER.search(line)]
+    assert hits == []
+    assert _PLACEHOLDER.search("MOGA([torch.nn.Parameter(torch.zeros(1))], **settings)")
+    assert _PLACEHOLDER.search("nn.Parameter(torch.empty((1,)))")
+
+
+def test_import_moga_dist_leaves_deepspeed_and_meta_path_alone():
+    """`import moga_dist` installs no import hook and patches no DeepSpeed; constructing a MOGA (or
+    importing moga_dist.engines.deepspeed) is what installs the DeepSpeed patch."""
+    code = (
+        "import sys\n"
+        "before = list(sys.meta_path)\n"
+        "import moga_dist, torch\n"
+        "assert sys.meta_path == before, sys.meta_path\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'deepspeed'], 'deepspeed imported'\n"
+        "moga_dist.MOGA([torch.nn.Parameter(torch.zeros(2, 2))])\n"
+        "assert any(type(f).__name__ == '_PatchWhenImported' for f in sys.meta_path), sys.meta_path\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT.parent,
+                         env={**os.environ, "PYTHONPATH": str(ROOT.parent)}, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

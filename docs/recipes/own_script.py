@@ -1,4 +1,4 @@
-"""Recipe: your own DeepSpeed script. Importing moga_dist is all it takes for MOGA to be exact."""
+"""Recipe: your own DeepSpeed script. Building MOGA is all it takes for it to be exact inside DeepSpeed."""
 import deepspeed
 
 from moga_dist import MOGA, param_groups

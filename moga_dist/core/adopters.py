@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 ADOPTERS: list[Callable] = []
+# Called with no argument whenever a MOGA is constructed: an engine that must be patched before
+# it meets MOGA (DeepSpeed's initialize) installs itself on this first use, not at import.
+ON_CONSTRUCT: list[Callable] = []
 
 # torch.distributed.fsdp (FSDP1) sets this attribute on every tensor it flattened: its
 # FlatParameters and, with use_orig_params=True, the original parameters it turned into 1-D views
@@ -23,6 +26,12 @@ def register(adopter: Callable) -> None:
     """Run `adopter(optimizer)` before every step-program build of every MOGA (idempotent)."""
     if adopter not in ADOPTERS:
         ADOPTERS.append(adopter)
+
+
+def on_construct(hook: Callable) -> None:
+    """Run `hook()` at every MOGA construction (idempotent registration; the hook must be cheap)."""
+    if hook not in ON_CONSTRUCT:
+        ON_CONSTRUCT.append(hook)
 
 
 def is_fsdp1_flattened(tensor) -> bool:

@@ -149,12 +149,13 @@ def _nesting(rows: list[_ShardDim], mesh, where: str) -> tuple[_ShardDim, _Shard
     raise ValueError(f"{where}: this combination of Shard(0) placements is not supported")
 
 
-def check_group_key(known: dict, key: str, group) -> None:
+def check_group_key(known, key: str, group) -> None:
     """Raise if `key` already names a process group of other ranks (two meshes that name a dim
-    alike but span different ranks would otherwise share statistics wrongly)."""
-    if key in known and known[key] is not group and \
-            dist.get_process_group_ranks(known[key]) != dist.get_process_group_ranks(group):
-        raise ValueError(f"process group key {key!r} already names ranks {dist.get_process_group_ranks(known[key])}, "
+    alike but span different ranks would otherwise share statistics wrongly). known: the group
+    `key` names now, or None."""
+    if known is not None and known is not group and \
+            dist.get_process_group_ranks(known) != dist.get_process_group_ranks(group):
+        raise ValueError(f"process group key {key!r} already names ranks {dist.get_process_group_ranks(known)}, "
                          f"but a DTensor mesh dim of that name spans {dist.get_process_group_ranks(group)}; "
                          "give the device meshes distinct mesh_dim_names")
 
@@ -168,7 +169,7 @@ def declare_dtensors(optimizer, params) -> None:
             continue
         found = dtensor_layout(p)
         for key, group in found.groups.items():
-            check_group_key(optimizer.reducer.process_groups, key, group)
+            check_group_key(optimizer.process_group(key), key, group)
             optimizer.set_process_group(key, group)
         if found.layout is not None:
             optimizer.declare(p, layout=found.layout)

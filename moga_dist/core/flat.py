@@ -30,6 +30,15 @@ class FlatSegment:
         return self.layout.local_numel
 
 
+def partition_ranges(offset: int, numel: int, partition_size: int, world_size: int,
+                     base: int = 0) -> tuple[tuple[int, int], ...]:
+    """Each rank's [start, end) of the flattened parameter that sits at buffer[offset : offset + numel]
+    of a flat buffer whose ranks own equal parts: rank k owns [base + k * partition_size, +partition_size)
+    (ZeRO and FSDP1: base 0; Megatron's distributed optimizer: each bucket at its offset). Ranges are
+    clipped to the parameter, empty where a rank owns none of it; `world_size` ranges."""
+    return clip_ranges([base + k * partition_size for k in range(world_size + 1)], offset, numel)
+
+
 def partition_segments(shapes: list[tuple[int, ...]], offsets: list[int], partition_size: int, rank: int,
                        world_size: int, names: list[str], options: list[Mapping],
                        layouts: list[ShardLayout | None] | None = None, group: str = "dp") -> list[FlatSegment]:
@@ -43,7 +52,7 @@ def partition_segments(shapes: list[tuple[int, ...]], offsets: list[int], partit
         numel = 1
         for s in shape:
             numel *= s
-        ranges = clip_ranges([k * partition_size for k in range(world_size + 1)], offset, numel)
+        ranges = partition_ranges(offset, numel, partition_size, world_size)
         blocks = layouts[i].row_blocks if layouts and layouts[i] is not None else None
         layout = ShardLayout(tuple(shape), flat=FlatPartition(ranges, rank, group) if world_size > 1 else None,
                              row_blocks=blocks)

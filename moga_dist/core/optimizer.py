@@ -9,11 +9,11 @@ reductions are in collectives.py. No engine is imported here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .adopters import ADOPTERS
+from .adopters import ADOPTERS, ON_CONSTRUCT
 from .backends import BACKENDS
 from .collectives import StatReducer
 from .dtensor import declare_dtensors, declare_swapped_dtensors, local_view
@@ -21,6 +21,7 @@ from .flat import FlatSegment
 from .functional import StepProgram, moga
 from .hparams import check_hparams
 from .layout import ShardLayout
+from .param_spec import ParamSpec, Slot, check_slots, declare_slots
 from .plan import build_plan
 from .roles import resolve_missing_roles
 from .step_builder import ProgramCache
@@ -112,6 +113,8 @@ class MOGA(torch.optim.Optimizer):
             self.declare(param, layout=layout)
         # DTensor parameters (FSDP2, TP) describe their own sharding: no layouts to pass.
         declare_dtensors(self, [p for g in self.param_groups for p in g["params"]])
+        for hook in ON_CONSTRUCT:      # e.g. moga_dist/__init__.py: patch DeepSpeed on first use
+            hook()
 
     def add_param_group(self, param_group):
         """torch.optim's add_param_group, remembering which tensors MOGA was given; complex
@@ -132,6 +135,46 @@ class MOGA(torch.optim.Optimizer):
             declare_dtensors(self, self.param_groups[-1]["params"])
 
     # ----- the interface engines use ---------------------------------------------------------
+    @classmethod
+    def from_engine(cls, groups: list[dict], specs: Sequence[Sequence[Slot]], *,
+                    process_groups: Mapping | None = None, ghosts: Iterable[ParamSpec] = (), **settings) -> MOGA:
+        """MOGA over an engine's own tensors (Megatron's fp32 shards, which may be non-leaf views of
+        its buffers), described slot by slot: the one constructor for engine adapters.
+
+        groups: param groups whose "params" are the engine's tensors, plus per-group settings
+            (missing ones take `settings`, then MOGA's defaults).
+        specs: specs[i][j] describes groups[i]["params"][j]: a ParamSpec (that tensor is the
+            parameter, or its shard per spec.layout) or a FlatBuffer (it holds segments of many);
+            see `declare_engine`.
+        process_groups: {key: ProcessGroup} the layouts name (e.g. "tp", "dp").
+        ghosts: ParamSpecs of parameters this rank holds nothing of but shares statistics of
+            (layout.local_numel == 0), see `declare_ghosts`.
+        settings: MOGA's keyword arguments (lr, momentum, norm, backend, ...)."""
+        # torch.optim refuses an empty parameter list and leaf-checks tensors: start from one empty
+        # group, then adopt the engine's groups as they are.
+        moga = cls([{"params": []}], **settings, process_groups=process_groups)
+        moga.replace_param_groups(groups)
+        moga.declare_engine(specs, ghosts=ghosts)
+        return moga
+
+    def declare_engine(self, specs: Sequence[Sequence[Slot]], *, process_groups: Mapping | None = None,
+                       ghosts: Iterable[ParamSpec] | None = None) -> None:
+        """Describe the param groups slot by slot for an engine that owns the tensors in them:
+        specs[i][j] (a ParamSpec, or a FlatBuffer of segments) is what param_groups[i]["params"][j]
+        holds. The tensors there now are declared at once; a tensor the engine puts into a slot later
+        (Megatron's Float16 wrapper swaps in fp32 main copies; ZeRO-3 fills its groups only while it
+        steps) is declared with the slot's description before the next step-program build. A group
+        holding more tensors than described is refused at that build. process_groups: named as by
+        `set_process_group`; ghosts: ParamSpecs for `declare_ghosts` (None: keep the current ones)."""
+        slots = check_slots(specs, self.param_groups)
+        for key, group in (process_groups or {}).items():
+            self.set_process_group(key, group)
+        self.tensors.slots, self.tensors.slot_ids = slots, {}
+        if ghosts is not None:
+            self.declare_ghosts([g.ghost() if isinstance(g, ParamSpec) else g for g in ghosts])
+        declare_slots(self)
+        self.invalidate()
+
     def declare(self, tensor: torch.Tensor, *, layout: ShardLayout | None = None,
                 options: Mapping | None = None, order_key=None) -> None:
         """Tell MOGA about one tensor of its param groups.
@@ -179,13 +222,13 @@ class MOGA(torch.optim.Optimizer):
         self.invalidate()
 
     def declare_ghosts(self, ghosts: list[tuple]) -> None:
-        """(order_key, ShardLayout, options) of parameters this rank holds nothing of but whose
+        """ParamSpecs (or (order_key, ShardLayout, options) tuples) of parameters this rank holds nothing of but whose
         statistics other ranks share (Megatron's distributed optimizer drops them from a rank's
         groups); they contribute zeros so every rank packs the same all-reduce buffer, and their
         process groups join every step's all-reduce. options["dtype"] = torch.float64 for a
         float64 parameter (its statistics are float64 on the ranks that hold it)."""
         self.tensors.ghosts = []
-        for key, layout, options in ghosts:
+        for key, layout, options in (g.ghost() if isinstance(g, ParamSpec) else g for g in ghosts):
             if layout.local_numel != 0:
                 raise ValueError(f"ghost {key!r} must hold nothing locally, its layout holds {layout.local_numel}")
             # A rank may share a group only through ghosts: it must join every step's all-reduce.
@@ -208,6 +251,7 @@ class MOGA(torch.optim.Optimizer):
             group["params"] = list(group["params"])
             _refuse_complex(group)
         self.param_groups = groups
+        self.tensors.slots, self.tensors.slot_ids = [], {}      # an engine describes the new groups again
         self.tensors.known.update(id(p) for g in groups for p in g["params"])
         self.tensors.index_names(groups)
         self.invalidate()
@@ -217,6 +261,10 @@ class MOGA(torch.optim.Optimizer):
         self.reducer.process_groups[key] = group
         self.invalidate()
 
+    def process_group(self, key: str):
+        """The process group named `key` (by `set_process_group` or process_groups=), or None."""
+        return self.reducer.process_groups.get(key)
+
     def invalidate(self) -> None:
         """Settings, layouts, tensors or state changed outside step(): rebuild the step program."""
         self._programs.clear()
@@ -224,10 +272,12 @@ class MOGA(torch.optim.Optimizer):
 
     def refresh_tensors(self) -> None:
         """Re-derive what MOGA knows about the tensors now in its groups; run before each step
-        program build. A DTensor put into the groups after construction (Accelerate's FSDP2 swaps
+        program build. A tensor an engine put into a slot it described (`declare_engine`) takes
+        that slot's ParamSpec; a DTensor put into the groups after construction (Accelerate's FSDP2 swaps
         every parameter for one) gets its layout from its placements, and registered engine
         adopters (core/adopters.py: torch FSDP1) map their engine's tensors; matrices still without a
         role take their model's roles (core/roles.py)."""
+        declare_slots(self)             # tensors an engine put into its described slots (from_engine)
         if declare_swapped_dtensors(self):
             self.invalidate()
         for adopt in ADOPTERS:
@@ -237,6 +287,11 @@ class MOGA(torch.optim.Optimizer):
     def layout_of(self, tensor: torch.Tensor) -> ShardLayout:
         """The tensor's declared layout (a whole tensor unless one was declared)."""
         return self.tensors.layout_of(tensor)
+
+    def options_of(self, tensor: torch.Tensor) -> dict:
+        """The settings declared for the tensor over its group's (`declare(options=...)`, e.g. a
+        role `take_roles` declared); {} if none."""
+        return dict(self.tensors.options.get(id(tensor), {}))
 
     def _check_member(self, tensor: torch.Tensor) -> None:
         if not any(p is tensor for g in self.param_groups for p in g["params"]):
@@ -345,7 +400,8 @@ class MOGA(torch.optim.Optimizer):
             reduce_order=dict(self.reducer.reduce_order), ghosts=list(t.ghosts),
             **{name: {position[k]: v for k, v in table.items() if k in position}
                for name, table in (("layouts", t.layouts), ("options", t.options), ("order", t.order),
-                                   ("flat", t.flat))})
+                                   ("flat", t.flat))},
+            slots=[list(s) for s in t.slots])
         return state
 
     def __setstate__(self, state):
@@ -358,6 +414,7 @@ class MOGA(torch.optim.Optimizer):
         self.tensors.index_names(self.param_groups)
         for name in ("layouts", "options", "order", "flat"):
             getattr(self.tensors, name).update({id(params[i]): v for i, v in extra[name].items()})
+        self.tensors.slots = extra.get("slots", [])     # re-declared per slot at the next build (ids changed)
         self.reducer = StatReducer(None)
         self.reducer.reduce_order = dict(extra["reduce_order"] if "reduce_order" in extra else extra["stage"])
         self._backend, self.sync_free, self.save_layouts = extra["backend"], extra["sync_free"], extra["save_layouts"]

@@ -1,7 +1,16 @@
-"""Assigns MOGA roles to a model's parameters: embedding, head, hidden or vector.
+"""Assigns MOGA roles to a model's parameters: embedding, head, hidden or vector. The one rule
+every front door and engine adapter uses (DeepSpeed, Megatron-core, FSDP1, `take_roles`):
 
-Structural first (module types, the model's output embedding), then name-pattern overrides;
-every trainable parameter lands in exactly one group. No engine imports.
+1. an override pattern the caller gives ({regex: role}, first match) wins;
+2. embedding: a parameter of an nn.Embedding / nn.EmbeddingBag, of a module named in
+   EMBEDDING_NAMES (embedding layers that are not torch's: Megatron's VocabParallelEmbedding), or
+   one marked as a pipeline stage's copy of the tied embedding (TIED_EMBEDDING_ATTR); a head tied
+   to the embedding stays an embedding;
+3. head: the weight of the output projection: `get_output_embeddings()`, else the first module
+   named in HEAD_NAMES;
+4. otherwise hidden for a >= 2-D (global) shape, vector below.
+Model structure decides; names are data of this one rule (EMBEDDING_NAMES, HEAD_NAMES), matched
+against a module's own name, never a parameter-name suffix. No engine imports.
 """
 from __future__ import annotations
 
@@ -15,6 +24,26 @@ from .adopters import is_fsdp1_flattened
 from .scaling import ROLES
 
 HEAD_NAMES = ("lm_head", "output_layer", "output")
+EMBEDDING_NAMES = ("word_embeddings",)
+# Megatron sets it on the last pipeline stage's copy of a tied embedding (whose gradient is summed
+# with the first stage's): both copies must take the same (embedding) update to stay equal.
+TIED_EMBEDDING_ATTR = "shared_embedding"
+
+
+def is_embedding_module(module: nn.Module, name: str) -> bool:
+    """Whether `module` (named `name` in its model, dotted) is an embedding layer by rule 2."""
+    return isinstance(module, nn.Embedding | nn.EmbeddingBag) or name.split(".")[-1] in EMBEDDING_NAMES
+
+
+def structural_role(ndim: int, *, embedding: bool = False, head: bool = False, param=None) -> str:
+    """The role of a parameter of `ndim` global dims by rules 2-4 (overrides are the caller's):
+    embedding (of an embedding module, or `param` marked as a tied embedding), head (the output
+    projection's weight), else hidden for ndim >= 2, vector below."""
+    if embedding or getattr(param, TIED_EMBEDDING_ATTR, False):
+        return "embedding"
+    if head:
+        return "head"
+    return "hidden" if ndim >= 2 else "vector"
 
 
 def assign_roles(model: nn.Module, overrides: Mapping[str, str] | None = None,
@@ -32,8 +61,8 @@ def assign_roles(model: nn.Module, overrides: Mapping[str, str] | None = None,
             raise ValueError(f"override {pattern!r} -> {role!r}: unknown role; allowed: {list(ROLES)}")
     embedding_ids, head_ids = set(), set()
     head_module = _find_head(model, head)
-    for module in model.modules():
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+    for name, module in model.named_modules():
+        if is_embedding_module(module, name):
             embedding_ids.update(id(p) for p in module.parameters(recurse=False))
     if head_module is not None:
         head_ids.add(id(head_module.weight))
@@ -49,14 +78,8 @@ def assign_roles(model: nn.Module, overrides: Mapping[str, str] | None = None,
                 role, _ = forced, used.add(pattern)
                 break
         if role is None:
-            if id(param) in embedding_ids:
-                role = "embedding"
-            elif id(param) in head_ids:
-                role = "head"
-            elif param.ndim >= 2:
-                role = "hidden"
-            else:
-                role = "vector"
+            role = structural_role(param.ndim, embedding=id(param) in embedding_ids, head=id(param) in head_ids,
+                                   param=param)
         # A tensor FSDP1 flattened is a 1-D view of a shard: its true shape is the FSDP1 adapter's to
         # know (moga_dist.engines.fsdp1 maps it and gives a flattened matrix its matrix role).
         if role in ("hidden", "head") and param.ndim < 2 and not is_fsdp1_flattened(param):

@@ -48,6 +48,10 @@ class TensorRegistry:
     known: set[int] = field(default_factory=set)
     names: dict[int, str] = field(default_factory=dict)
     epoch: int = 0
+    # An engine's description of its groups, slot by slot (core/param_spec.py), and which tensor
+    # each slot was last declared for.
+    slots: list[list] = field(default_factory=list)
+    slot_ids: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def changed(self) -> None:
         """A declaration or a setting changed: the step program must be rebuilt."""

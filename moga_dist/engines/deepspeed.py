@@ -1,9 +1,19 @@
-"""DeepSpeed adapter: `deepspeed.initialize(optimizer=MOGA(...))` is exact MOGA at ZeRO stages 0-2.
+"""DeepSpeed adapter: `deepspeed.initialize(optimizer=MOGA(...))` is exact MOGA at ZeRO stages 0-3.
 
-`install` (run when moga_dist is imported) wraps DeepSpeedEngine._configure_optimizer, the one
-place every route into DeepSpeed passes (own script, Hugging Face Trainer, Accelerate): settings
-that cannot be exact are refused there, naming the config key, and MOGA is told which tensors of
-the wrapper DeepSpeed built stand for which parameters (deepspeed_wrappers.py).
+`install` wraps DeepSpeedEngine._configure_optimizer, the one place every route into DeepSpeed
+passes (own script, Hugging Face Trainer, Accelerate): settings that cannot be exact are refused
+there, naming the config key, and MOGA is told which tensors of the wrapper DeepSpeed built stand
+for which parameters (deepspeed_wrappers.py, deepspeed_zero3.py).
+
+How the patch gets installed (never by `import moga_dist` alone):
+  - importing this module (moga_dist.engines.deepspeed) installs it;
+  - constructing any MOGA installs it (moga_dist/__init__.py registers `install` with the core's
+    on-construct hooks), so `deepspeed.initialize(optimizer=MOGA(...))`, the HF Trainer and
+    Accelerate need nothing else;
+  - DeepSpeed's config-name path (`"optimizer": {"type": "MOGA"}` with no MOGA object built first)
+    needs this module imported, or moga_dist.engines.deepspeed.initialize.
+If DeepSpeed is already imported, `install` patches DeepSpeedEngine at once; otherwise it adds a
+one-shot import hook to sys.meta_path that patches deepspeed.runtime.engine when it is imported.
 """
 from __future__ import annotations
 
@@ -85,9 +95,10 @@ def initialize(*, model: torch.nn.Module, optimizer: MOGA | None = None, config=
 def install() -> None:
     """Make `deepspeed.initialize` put MOGA exactly inside whatever DeepSpeed builds around it.
 
-    Called when moga_dist is imported, so a user's own `deepspeed.initialize(optimizer=MOGA(...))`,
-    the Hugging Face Trainer and Accelerate need nothing else; idempotent. Does not import
-    DeepSpeed: if it is not imported yet, the patch is applied when it is."""
+    Called when this module is imported and when a MOGA is constructed (see the module docstring),
+    so a user's own `deepspeed.initialize(optimizer=MOGA(...))`, the Hugging Face Trainer and
+    Accelerate need nothing else; idempotent. Does not import DeepSpeed: if it is not imported
+    yet, the patch is applied when it is."""
     module = sys.modules.get(_ENGINE_MODULE)
     if module is not None:
         _patch(module)
@@ -213,3 +224,7 @@ def skip_shm_comm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# Importing the DeepSpeed adapter is a first use (the config-name path builds no MOGA before initialize).
+install()

@@ -2,7 +2,8 @@
 
 DeepSpeed's own ZeRO files hold each rank's flat partition and its optimizer state, so they load
 only into the same partitioning, and its universal-checkpoint converter knows Adam's state, not
-MOGA's. This module writes MOGA's state in model space instead: every rank saves, for each
+MOGA's. This module writes MOGA's state in model space instead (the format both engines share,
+model_space.py; checkpoints of the older name "moga-model-space-1" load as they are): every rank saves, for each
 parameter piece it holds, the parameter's name and shape, the piece's [start, end) in the
 flattened parameter, the fp32 master weight and the fp32 momentum (`rank<k>.pt`); rank 0 adds
 what is not per piece (`common.pt`: step counts, MOGA's param-group settings including the
@@ -28,9 +29,9 @@ import torch
 from ..core.flat import FlatSegment
 from ..core.optimizer import MOGA
 from .deepspeed_wrappers import held_tensors
+from .model_space import DEEPSPEED, FORMAT, check_format
 from .views import exact_storage
 
-FORMAT = "moga-model-space-1"
 COMMON = "common.pt"
 
 
@@ -120,8 +121,7 @@ class _Index:
 
 def _index(directory: Path) -> _Index:
     common = _read(directory / COMMON)
-    if common.get("format") != FORMAT:
-        raise ValueError(f"{directory / COMMON}: format {common.get('format')!r}, this moga_dist reads {FORMAT!r}")
+    check_format(common.get("format"), DEEPSPEED, str(directory / COMMON))
     shapes, supplies, seen = {}, {}, set()
     for rank in range(int(common["world_size"])):
         for name, shape, start, end in _ranges(directory / rank_file(rank)):
@@ -135,7 +135,9 @@ def _index(directory: Path) -> _Index:
 def _ranges(path: Path) -> list[tuple[str, list[int], int, int]]:
     """(name, shape, start, end) of each piece in a rank file; its tensors are memory-mapped and
     never touched, and none outlives this call."""
-    return [(name, list(p["shape"]), int(p["start"]), int(p["end"])) for name, p in _read(path)["pieces"].items()]
+    saved = _read(path)
+    check_format(saved.get("format"), DEEPSPEED, str(path))
+    return [(name, list(p["shape"]), int(p["start"]), int(p["end"])) for name, p in saved["pieces"].items()]
 
 
 def _check_covered(index: _Index, targets: list[tuple]) -> None:

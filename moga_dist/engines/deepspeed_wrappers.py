@@ -15,6 +15,7 @@ update is the one single-process MOGA computes. Only MOGA's public engine interf
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -22,23 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..core.flat import FlatSegment, partition_segments
-from ..core.layout import ShardLayout
 from ..core.optimizer import MOGA
 from ..core.param_groups import assign_roles
+from ..core.param_spec import ParamSpec
+from ..core.tensors import FlatBuffer
 
-_NOT_OPTIONS = ("params", "param_names", "initial_lr")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """What one of MOGA's parameters must keep when DeepSpeed regroups or copies it.
-
-    options: its group's settings with the role filled in and "lr" the group's unscheduled lr
-    (so a merged group's schedule keeps every parameter's lr ratio)."""
-
-    name: str
-    layout: ShardLayout
-    options: dict
+_NOT_OPTIONS = ("params", "param_names", "initial_lr", "role")
 
 
 @dataclass(frozen=True)
@@ -76,7 +66,9 @@ def remember(moga: MOGA, held: HeldTensor) -> None:
 
 
 def describe(moga: MOGA, model: torch.nn.Module) -> dict[int, ParamSpec]:
-    """{id(parameter): ParamSpec} for every parameter of MOGA's groups.
+    """{id(parameter): ParamSpec} for every parameter of MOGA's groups; a spec's options are its
+    group's settings with "lr" the group's unscheduled lr (so a merged group's schedule keeps every
+    parameter's lr ratio), the role in ParamSpec.role.
 
     A group without a role (e.g. the Hugging Face Trainer's weight-decay / no-decay split) gets
     each parameter's role from the model's structure, as `param_groups(model)` would assign it."""
@@ -92,9 +84,9 @@ def describe(moga: MOGA, model: torch.nn.Module) -> dict[int, ParamSpec]:
         for param, given_name in zip(group["params"], given):
             name = given_name or names.get(id(param)) or f"param{len(specs)}"
             # settings declared for this tensor (moga_dist.take_roles declares roles) win over its group's
-            mine = {**options, **moga.tensors.options.get(id(param), {})}
-            role = mine.get("role") or roles.get(names.get(id(param)))
-            specs[id(param)] = ParamSpec(name, moga.layout_of(param), {**mine, "role": role})
+            mine = {**options, **moga.options_of(param)}
+            role = mine.pop("role", None) or group.get("role") or roles.get(names.get(id(param)))
+            specs[id(param)] = ParamSpec(name, role, moga.layout_of(param), options=mine)
     return specs
 
 
@@ -115,44 +107,58 @@ def merge_groups(moga: MOGA, specs: dict[int, ParamSpec]) -> None:
 
 
 def adopt(ds_optimizer, moga: MOGA, specs: dict[int, ParamSpec]) -> None:
-    """Declare on MOGA the tensors `ds_optimizer` (DeepSpeed's wrapper, or MOGA itself) gave it."""
+    """Describe to MOGA, slot by slot (`MOGA.declare_engine`), the tensors `ds_optimizer`
+    (DeepSpeed's wrapper, or MOGA itself) put into its param groups."""
     kind = type(ds_optimizer).__name__
     forget(moga)
+    held: dict[int, object] = {}            # id(tensor in MOGA's groups) -> its ParamSpec or FlatBuffer
+    process_groups = {}
     if ds_optimizer is moga:
-        _declare_copies(moga, [(p, p) for g in moga.param_groups for p in g["params"]], specs)
+        _copies(moga, [(p, p) for g in moga.param_groups for p in g["params"]], specs, held)
     elif kind == "FP16_UnfusedOptimizer":
         pairs = [pair for lows, highs in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups)
                  for pair in zip(lows, highs)]
-        _declare_copies(moga, pairs, specs)
+        _copies(moga, pairs, specs, held)
     elif kind == "DeepSpeedZeroOptimizer":
         for i, buffer in enumerate(ds_optimizer.single_partition_of_fp32_groups):
             # Shapes from ZeRO's meta copies: the bit16 parameters' own data may be released.
             shapes = [tuple(m.shape) for m in ds_optimizer.round_robin_bit16_meta[i]]
-            _declare_partition(moga, buffer, ds_optimizer.round_robin_bit16_groups[i], shapes,
-                               list(ds_optimizer.round_robin_bit16_offsets[i]), int(ds_optimizer.partition_size[i]),
-                               ds_optimizer.real_dp_process_group[i], specs)
+            process_groups["dp"] = ds_optimizer.real_dp_process_group[i]
+            held[id(buffer)] = _partition(moga, buffer, ds_optimizer.round_robin_bit16_groups[i], shapes,
+                                          list(ds_optimizer.round_robin_bit16_offsets[i]),
+                                          int(ds_optimizer.partition_size[i]), process_groups["dp"], specs)
     elif kind == "BF16_Optimizer":
         for i, buffer in enumerate(ds_optimizer.fp32_groups_flat_partition):
             params = ds_optimizer.bf16_groups[i]
             # The bf16 flat buffer holds the group's parameters back to back, padding at the end.
             offsets = list(itertools.accumulate([p.numel() for p in params], initial=0))[:-1]
-            group = ds_optimizer.real_dp_process_group[i]
+            group = process_groups["dp"] = ds_optimizer.real_dp_process_group[i]
             size = ds_optimizer.bf16_groups_flat[i].numel() // torch.distributed.get_world_size(group)
-            _declare_partition(moga, buffer, params, [tuple(p.shape) for p in params], offsets, size, group, specs)
+            held[id(buffer)] = _partition(moga, buffer, params, [tuple(p.shape) for p in params], offsets, size,
+                                          group, specs)
     else:
         raise ValueError(f"DeepSpeed wrapped MOGA in {kind}, which moga_dist does not know how to map back to "
                          "parameters; supported: ZeRO stages 0-2 in fp32 or bf16")
+    slots = []
+    for group in moga.param_groups:
+        unknown = [tuple(p.shape) for p in group["params"] if id(p) not in held]
+        if unknown:
+            raise ValueError(f"DeepSpeed's {kind} put tensors of shapes {unknown[:3]} into MOGA's groups that "
+                             "moga_dist cannot map back to parameters")
+        slots.append([held[id(p)] for p in group["params"]])
+    moga.declare_engine(slots, process_groups=process_groups)
 
 
-def _declare_copies(moga: MOGA, pairs: list[tuple[torch.Tensor, torch.Tensor]], specs) -> None:
-    """(model parameter, tensor MOGA updates for it): the same layout and role on the latter."""
-    for original, held in pairs:
-        spec = spec_of(specs, original)
-        moga.declare(held, layout=spec.layout, options={"role": spec.options["role"]} if spec.options["role"] else None)
-        remember(moga, HeldTensor(held, [FlatSegment(0, spec.layout, spec.name)], [original]))
+def _copies(moga: MOGA, pairs: list[tuple[torch.Tensor, torch.Tensor]], specs, held: dict) -> None:
+    """(model parameter, tensor MOGA updates for it): the latter is the parameter, with its layout
+    and role (its group's other settings stay the group's)."""
+    for original, copy in pairs:
+        spec = dataclasses.replace(spec_of(specs, original), options={})
+        held[id(copy)] = spec
+        remember(moga, HeldTensor(copy, [FlatSegment(0, spec.layout, spec.name)], [original]))
 
 
-def _declare_partition(moga: MOGA, buffer, params, shapes, offsets, partition_size, group, specs) -> None:
+def _partition(moga: MOGA, buffer, params, shapes, offsets, partition_size, group, specs) -> FlatBuffer:
     """This rank's `buffer` = [rank * partition_size, +partition_size) of the flat concatenation
     of `params` (of `shapes`, at `offsets`): one segment per parameter, on every rank in the same order."""
     import torch.distributed as dist
@@ -160,10 +166,9 @@ def _declare_partition(moga: MOGA, buffer, params, shapes, offsets, partition_si
     chosen = [spec_of(specs, p) for p in params]
     segments = partition_segments(shapes, offsets, partition_size,
                                   dist.get_rank(group), dist.get_world_size(group), [s.name for s in chosen],
-                                  [s.options for s in chosen], [s.layout for s in chosen])
-    moga.set_process_group("dp", group)
-    moga.declare_flat_buffer(buffer, segments, _base_lr(moga, buffer))
+                                  [{**s.options, "role": s.role} for s in chosen], [s.layout for s in chosen])
     remember(moga, HeldTensor(buffer, segments, list(params)))
+    return FlatBuffer(segments, _base_lr(moga, buffer))
 
 
 def _base_lr(moga: MOGA, buffer) -> float:

@@ -24,7 +24,9 @@ import dataclasses
 
 from ..core.flat import FlatSegment, partition_segments
 from ..core.optimizer import MOGA
-from .deepspeed_wrappers import HeldTensor, ParamSpec, forget, remember, spec_of
+from ..core.param_spec import ParamSpec
+from ..core.tensors import FlatBuffer
+from .deepspeed_wrappers import HeldTensor, forget, remember, spec_of
 
 STAGE3_CLASS = "DeepSpeedZeroOptimizer_Stage3"
 
@@ -50,7 +52,8 @@ def stage3_segments(shapes: list[tuple[int, ...]], parts: list[int], rank: int, 
     The flat tensor is the parameters' partitions back to back ([sum(parts)] elements)."""
     out, offset = [], 0
     for shape, part, spec in zip(shapes, parts, specs):
-        seg, = partition_segments([shape], [0], part, rank, world, [spec.name], [spec.options], [spec.layout])
+        seg, = partition_segments([shape], [0], part, rank, world, [spec.name], [{**spec.options, "role": spec.role}],
+                                  [spec.layout])
         out.append(dataclasses.replace(seg, start=offset + seg.start))
         offset += part
     return out
@@ -71,18 +74,18 @@ def adopt_stage3(ds_optimizer, moga: MOGA, specs: dict[int, ParamSpec]) -> None:
     group = groups[0]
     forget(moga)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    moga.set_process_group("dp", group)
+    # ZeRO-3 keeps MOGA's groups empty between steps and puts each group's sub-group flats into it,
+    # in sub-group order, only to step (ZeRO-3's own loop: one flat at slot 0; the single-step
+    # loop below: all of them): the slots are described now, the flats declared at the first step.
+    slots: list[list[FlatBuffer]] = [[] for _ in moga.param_groups]
     for i, (params, buffer) in enumerate(zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_partitioned_groups_flat)):
         segments = stage3_segments([tuple(p.ds_shape) for p in params], [int(p.partition_numel()) for p in params],
                                    rank, world, [spec_of(specs, p) for p in params])
         holder = moga.param_groups[ds_optimizer.sub_group_to_group_id[i]]
-        # ZeRO-3 keeps MOGA's groups empty between steps; declarations need the tensor in a group.
-        held, holder["params"] = holder["params"], [buffer]
-        try:
-            moga.declare_flat_buffer(buffer, segments, float(holder.get("initial_lr", holder["lr"])))
-            remember(moga, HeldTensor(buffer, segments, list(params)))
-        finally:
-            holder["params"] = held
+        slots[ds_optimizer.sub_group_to_group_id[i]].append(
+            FlatBuffer(segments, float(holder.get("initial_lr", holder["lr"]))))
+        remember(moga, HeldTensor(buffer, segments, list(params)))
+    moga.declare_engine(slots, process_groups={"dp": group})
     if len(ds_optimizer.fp16_groups) > 1:
         one_step_for_all_sub_groups(ds_optimizer, moga)
 

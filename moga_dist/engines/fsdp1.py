@@ -36,7 +36,7 @@ from torch import nn
 from ..core.adopters import is_fsdp1_flattened, register
 from ..core.flat import FlatSegment, partition_segments
 from ..core.optimizer import MOGA
-from ..core.param_groups import HEAD_NAMES
+from ..core.param_groups import HEAD_NAMES, is_embedding_module, structural_role
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()     # MOGA -> [root modules]
 _DONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()         # MOGA -> ids it was mapped for
@@ -96,14 +96,11 @@ def describe_handle(handle, head_modules: set[int]) -> FlatParamInfo:
     # wrapping): the padded unsharded size / world size.
     partition = getattr(fp, "_sharded_size", fp._unpadded_unsharded_size).numel()
     roles = []
-    for info, shape in zip(fp._param_infos, fp._shapes):
-        module = info.module
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-            roles.append("embedding")
-        elif len(shape) >= 2 and id(module) in head_modules and info.param_name == "weight":
-            roles.append("head")
-        else:
-            roles.append("hidden" if len(shape) >= 2 else "vector")
+    for info, shape, fqn in zip(fp._param_infos, fp._shapes, fp._fqns):
+        # param_groups' one rule, on the original shape (the flattened shard's says nothing)
+        head = len(shape) >= 2 and id(info.module) in head_modules and info.param_name == "weight"
+        roles.append(structural_role(len(shape), embedding=is_embedding_module(info.module, fqn.rpartition(".")[0]),
+                                     head=head))
     found = FlatParamInfo(fp, tuple(fp._fqns), tuple(tuple(s) for s in fp._shapes), tuple(offsets), tuple(roles),
                           partition, rank, world, group, tuple(fp._params) if fp._params is not None else None)
     _check_against_torch(found)

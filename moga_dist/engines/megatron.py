@@ -17,29 +17,27 @@ from collections.abc import Mapping
 import torch
 
 from . import megatron_distopt
-from ..core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit, clip_ranges
+from ..core.flat import partition_ranges
+from ..core.layout import FlatPartition, RowBlocks, ShardLayout, TensorParallelSplit
 from ..core.optimizer import MOGA
+from ..core.param_groups import assign_roles, structural_role
+from ..core.param_spec import ParamSpec
 
 _ADAM_ONLY = ("betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
               "bias_correction", "decoupled_weight_decay", "adam_w_mode")
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamInfo:
-    """What MOGA needs to know about one Megatron model parameter."""
-    key: int
-    name: str
-    role: str
-    layout: ShardLayout       # TP split only; the distributed optimizer adds the flat partition
-
-
-def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, ParamInfo]:
-    """{id(param): ParamInfo} for every parameter of the (DDP-wrapped) model chunks."""
+def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, ParamSpec]:
+    """{id(param): ParamSpec} for every parameter of the (DDP-wrapped) model chunks: its TP split
+    as the layout (the distributed optimizer adds the flat partition), order_key its position."""
     out = {}
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
         tcfg = getattr(module, "config", None)
         _refuse_experts(tcfg)
+        # param_groups' one rule: VocabParallelEmbedding by its name (EMBEDDING_NAMES), output_layer by
+        # HEAD_NAMES, a pipeline stage's tied copy of the embedding (shared_embedding) an embedding.
+        roles = assign_roles(module)
         for name, p in module.named_parameters():
             local = list(p.shape)
             tp = None
@@ -49,14 +47,8 @@ def describe_params(model_chunks, tp_rank: int, tp_size: int) -> dict[int, Param
                 tp = TensorParallelSplit(dim, tp_rank, tp_size, stride)
             global_shape = tuple(local)
             blocks = _row_blocks(name, global_shape, tcfg)
-            if name.endswith("word_embeddings.weight") or name.endswith("position_embeddings.weight"):
-                role = "embedding"
-            elif name.endswith("output_layer.weight"):
-                role = "head"
-            else:
-                role = "hidden" if p.dim() >= 2 else "vector"
-            out[id(p)] = ParamInfo(len(out), name, role,
-                                   ShardLayout(global_shape, tp=tp, row_blocks=blocks))
+            role = roles.get(name) or structural_role(p.dim(), param=p)        # frozen parameters: by shape
+            out[id(p)] = ParamSpec(name, role, ShardLayout(global_shape, tp=tp, row_blocks=blocks), order_key=len(out))
     return out
 
 
@@ -142,45 +134,47 @@ def _flat_ranges(buffer, model_param) -> tuple[tuple[int, int], ...]:
     start, end, bucket_index = buffer.param_index_map[model_param]
     bucket = buffer.buckets[bucket_index]
     dp = buffer.data_parallel_group.size()
-    chunk = bucket.grad_data.numel() // dp
-    return clip_ranges([bucket.offset + k * chunk for k in range(dp + 1)], start, end - start)
+    return partition_ranges(start, end - start, bucket.grad_data.numel() // dp, dp, base=bucket.offset)
 
 
-def _swap_inner(wrapper, info: dict[int, ParamInfo], settings: dict, tp_group) -> None:
+def _sharded(spec: ParamSpec, buffer, model_param) -> ParamSpec:
+    """`spec` with this DP rank's flat range of the TP-local parameter (distributed optimizer)."""
+    flat = FlatPartition(_flat_ranges(buffer, model_param), buffer.data_parallel_group.rank())
+    return dataclasses.replace(spec, layout=dataclasses.replace(spec.layout, flat=flat))
+
+
+def _engine_slots(groups: list[dict], by_tensor: dict[int, ParamSpec]) -> list[list[ParamSpec]]:
+    """specs[i][j] for groups[i]["params"][j]; raises for a tensor no model parameter accounts for."""
+    missing = [tuple(p.shape) for g in groups for p in g["params"] if id(p) not in by_tensor]
+    if missing:
+        raise ValueError(f"MOGA got tensors that are not the model's parameters (shapes {missing[:3]}); "
+                         "build it through Megatron's get_megatron_optimizer with optimizer='moga'")
+    return [[by_tensor[id(p)] for p in g["params"]] for g in groups]
+
+
+def _swap_inner(wrapper, info: dict[int, ParamSpec], settings: dict, tp_group) -> None:
     adam = wrapper.optimizer
     distributed = hasattr(wrapper, "shard_fp32_from_float16_groups")
     groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in adam.param_groups]
-    layouts, options, order, ghosts = {}, {}, {}, []
-    dp_group = None
+    by_tensor, ghosts = {}, []
+    process_groups = {"tp": tp_group}
     for inner, model in _pairs(wrapper):
-        meta = info[id(model)]
-        layout = meta.layout
+        spec = info[id(model)]
         if distributed:
             buffer = _buffer_of(wrapper, model)
-            dp_group = buffer.data_parallel_group
-            layout = dataclasses.replace(layout, flat=FlatPartition(_flat_ranges(buffer, model), dp_group.rank()))
-        layouts[inner] = layout
-        options[inner] = {"role": meta.role}
-        order[inner] = meta.key
+            process_groups["dp"] = buffer.data_parallel_group
+            spec = _sharded(spec, buffer, model)
+        by_tensor[id(inner)] = spec
     if distributed:
-        held = set(order.values())
+        held = {spec.order_key for spec in by_tensor.values()}
         for buffer in wrapper.buffers:
             for model in buffer.param_index_map:
-                meta = info[id(model)]
-                if meta.key in held:
-                    continue
-                dp_group = buffer.data_parallel_group      # a rank may hold a bucket only through ghosts
-                flat = FlatPartition(_flat_ranges(buffer, model), dp_group.rank())
-                ghosts.append((meta.key, dataclasses.replace(meta.layout, flat=flat), {"role": meta.role, **settings}))
-    process_groups = {"tp": tp_group}
-    if dp_group is not None:
-        process_groups["dp"] = dp_group
-    # Megatron's shards may be views (non-leaf): adopt them as its own wrappers do for Adam.
-    moga = MOGA([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups=process_groups)
-    moga.replace_param_groups(groups)
-    for tensor, layout in layouts.items():
-        moga.declare(tensor, layout=layout, options=options[tensor], order_key=order[tensor])
-    moga.declare_ghosts(ghosts)
+                if info[id(model)].order_key not in held:
+                    process_groups["dp"] = buffer.data_parallel_group   # a rank may hold a bucket only through ghosts
+                    ghosts.append(_sharded(info[id(model)], buffer, model))
+    # Megatron's shards may be views (non-leaf): MOGA adopts its groups as they are.
+    moga = MOGA.from_engine(groups, _engine_slots(groups, by_tensor), process_groups=process_groups,
+                            ghosts=ghosts, **settings)
     # Megatron's sharded checkpoints map state to each parameter's global sharding and reshard it
     # (TP=2 -> TP=1 works); a per-rank layout record would be wrong there.
     moga.save_layouts = False
@@ -197,37 +191,17 @@ def _init_state(opt: MOGA, config=None) -> None:
             opt.init_state(p)
 
 
-class _RegistryMOGA(MOGA):
-    """MOGA as megatron-core 0.18+'s emerging-optimizer registry builds it: from Megatron's param
-    groups plus the metadata config_to_kwargs reads off the model. Megatron then wraps it in
+def registry_moga(param_groups, param_info: dict[int, ParamSpec], tp_group, settings: Mapping) -> MOGA:
+    """MOGA as megatron-core 0.18+'s emerging-optimizer registry builds it (its `optimizer_cls`,
+    called as optimizer_cls(param_groups, **config_to_kwargs(...))): from Megatron's param groups
+    plus the ParamSpecs config_to_kwargs reads off the model. Megatron then wraps it in
     FP32Optimizer, or for bf16 in Float16OptimizerWithFloat16Params, which swaps each bf16
-    parameter in its group slot for an fp32 main copy; the copy inherits the slot's metadata."""
-
-    def __init__(self, param_groups, param_info: dict, tp_group, settings: Mapping):
-        groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in param_groups]
-        super().__init__([torch.nn.Parameter(torch.zeros(1))], **settings, process_groups={"tp": tp_group})
-        self.replace_param_groups(groups)
-        missing = [tuple(p.shape) for g in self.param_groups for p in g["params"] if id(p) not in param_info]
-        if missing:
-            raise ValueError(f"MOGA got tensors that are not the model's parameters (shapes {missing[:3]}); "
-                             "build it through Megatron's get_megatron_optimizer with optimizer='moga'")
-        self._slots = [[param_info[id(p)] for p in g["params"]] for g in self.param_groups]
-        self._register([(p, info) for g, infos in zip(self.param_groups, self._slots)
-                        for p, info in zip(g["params"], infos)])
-        self.save_layouts = False
-
-    def _register(self, pairs: list[tuple[torch.Tensor, ParamInfo]]) -> None:
-        for p, info in pairs:
-            self.declare(p, layout=info.layout, options={"role": info.role}, order_key=info.key)
-        self._declared = {id(p) for g in self.param_groups for p in g["params"]}
-
-    def step(self, closure=None):
-        """MOGA's step, after declaring the fp32 main copies Megatron's Float16 wrapper swapped in."""
-        moved = [(p, info) for g, infos in zip(self.param_groups, self._slots)
-                 for p, info in zip(g["params"], infos) if id(p) not in self._declared]
-        if moved:
-            self._register(moved)
-        return super().step(closure)
+    parameter in its group slot for an fp32 main copy: MOGA describes its groups slot by slot
+    (from_engine), so the copy takes the slot's ParamSpec at the first step."""
+    groups = [{k: v for k, v in g.items() if k not in _ADAM_ONLY} for g in param_groups]
+    moga = MOGA.from_engine(groups, _engine_slots(groups, param_info), process_groups={"tp": tp_group}, **settings)
+    moga.save_layouts = False
+    return moga
 
 
 def _refuse_sharded_registry_state(config, model_chunks) -> None:
@@ -276,5 +250,5 @@ def register(name: str = "moga", settings: Mapping | None = None) -> None:
         return {"param_info": info, "tp_group": tp_group,
                 "settings": {**fixed, "lr": config.lr, "weight_decay": config.weight_decay}}
 
-    _EMERGING_OPTIMIZERS[name] = EmergingOptimizerEntry(optimizer_cls=_RegistryMOGA, init_state_fn=_init_state,
+    _EMERGING_OPTIMIZERS[name] = EmergingOptimizerEntry(optimizer_cls=registry_moga, init_state_fn=_init_state,
                                                         config_to_kwargs=config_to_kwargs, default_param_overrides={})

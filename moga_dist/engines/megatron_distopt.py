@@ -5,9 +5,10 @@ optimizer (megatron.py). Its checkpoint code is Adam's: `state_dict` reads a ten
 every parameter, `load_state_dict` allocates `exp_avg`/`exp_avg_sq`, the gathered formats
 hard-code those keys, and megatron-core 0.16 no longer accepts the flattened ShardedTensors of
 "fully_sharded_model_space". This subclass replaces the state methods only and keeps Megatron's
-shard bookkeeping. Its format, "moga_model_space", is model-space like Megatron's
+shard bookkeeping. Its format is model-space like Megatron's
 "fully_reshardable": per parameter, the fp32 main weight and `momentum_buffer` under the model's
-own ShardedTensor key and global shape, so a checkpoint reshards across TP, PP and DP. Each DP rank
+own ShardedTensor key and global shape, so a checkpoint reshards across TP, PP and DP (the format
+both engines share, model_space.py; checkpoints of the older name "moga_model_space" load as they are). Each DP rank
 writes only its own flat range [lo, hi) of each TP-local parameter, cut into the few row-major
 blocks that tile it (at most 2·ndim - 1 per parameter, see `flat_blocks`), each a *view* of the
 rank's main weight or momentum: a save allocates nothing per parameter and needs no communication
@@ -22,11 +23,12 @@ import math
 
 import torch
 
+from .model_space import FORMAT, MEGATRON, check_format, flat_blocks, readable
 from .views import exact_storage
 
-FORMAT = "moga_model_space"
 # Formats a Megatron-LM run may ask for; all are served as FORMAT, which reshards in every dimension.
-_ACCEPTED = (FORMAT, "fully_reshardable", "dp_reshardable", "fully_sharded_model_space", "dp_zero_gather_scatter")
+_ACCEPTED = (*readable(MEGATRON), "fully_reshardable", "dp_reshardable", "fully_sharded_model_space",
+             "dp_zero_gather_scatter")
 _KEYS = ("fp32_param", "momentum_buffer")
 
 
@@ -74,9 +76,8 @@ def _subclass(base: type) -> type:
             """Inverse of state_dict, plus the parameter state when `state_dict` carries it; a
             checkpoint of another format is refused before anything is changed."""
             kind = state_dict.get("param_state_sharding_type", FORMAT)
-            if kind != FORMAT:
-                raise ValueError(f"distributed-optimizer parameter state of type {kind!r}: MOGA checkpoints "
-                                 f"are {FORMAT!r} (an Adam checkpoint cannot seed MOGA's momentum)")
+            check_format(kind, MEGATRON, "distributed-optimizer param_state_sharding_type",
+                         " (an Adam checkpoint cannot seed MOGA's momentum)")
             saved = {_group_key(g): g for g in state_dict["optimizer"]["param_groups"]}
             steps = {int(g.get("step", 0)) for g in saved.values()}
             if len(steps) > 1:
@@ -203,31 +204,6 @@ def _subclass(base: type) -> type:
 
     MOGADistributedOptimizer.__qualname__ = f"MOGA{base.__name__}"
     return MOGADistributedOptimizer
-
-
-def flat_blocks(shape, lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:
-    """The row-major flat range [lo, hi) of a tensor of `shape`, as the fewest blocks that tile it:
-    [(offset, block shape, flat start)], each block a contiguous run (so a `.view` of the flat range),
-    at most 2·len(shape) - 1 of them (a partial row, whole rows, a partial row, recursively)."""
-    shape = tuple(shape)
-    if hi <= lo:
-        return []
-    if len(shape) <= 1:
-        return [((lo,) * len(shape), (hi - lo,) * len(shape), lo)]
-    inner = math.prod(shape[1:])
-    first, last = -(-lo // inner), hi // inner              # whole rows [first, last)
-    out = []
-    if first > last:                                           # inside one row
-        r = lo // inner
-        return [((r, *o), (1, *s), r * inner + st) for o, s, st in flat_blocks(shape[1:], lo - r * inner, hi - r * inner)]
-    if lo < first * inner:
-        r = first - 1
-        out += [((r, *o), (1, *s), r * inner + st) for o, s, st in flat_blocks(shape[1:], lo - r * inner, inner)]
-    if last > first:
-        out.append(((first,) + (0,) * (len(shape) - 1), (last - first, *shape[1:]), first * inner))
-    if hi > last * inner:
-        out += [((last, *o), (1, *s), last * inner + st) for o, s, st in flat_blocks(shape[1:], 0, hi - last * inner)]
-    return out
 
 
 def without_copies(sharded_state_dict: dict) -> dict:

@@ -17,6 +17,7 @@ from .config import RunConfig, moga_kwargs
 from .engine_config import deepspeed_config
 from .dist_env import cpu_threads
 from .safe_load import safe_checkpoint_engine
+from ..engines.model_space import DIRECTORY as MODEL_SPACE     # MOGA's model-space state's subdirectory
 
 
 def build_model(m) -> torch.nn.Module:
@@ -30,8 +31,6 @@ def build_model(m) -> torch.nn.Module:
                          tie_word_embeddings=m.tie_embeddings)
     return LlamaForCausalLM(config)
 
-
-MODEL_SPACE = "moga_model_space"
 
 
 class DeepSpeedBackend:

@@ -78,7 +78,7 @@ def test_without_the_adapter_the_core_still_refuses_fsdp1_shards(monkeypatch):
     from moga_dist.core import adopters
 
     monkeypatch.setattr(adopters, "ADOPTERS", [])
-    monkeypatch.setattr("moga_dist.core.optimizer.ADOPTERS", [])
+    monkeypatch.setattr("moga_dist.core.engine_interface.ADOPTERS", [])
     p = _flattened(12)
     opt = MOGA([p], lr=0.1)
     with pytest.raises(ValueError, match="flattened shard made by torch FSDP1"):

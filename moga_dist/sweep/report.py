@@ -106,6 +106,12 @@ def fit_section(rows: list[dict]) -> list[str]:
         rule = fit(rows, opt)
         if rule is not None:
             lines.append(f"- {rule.describe()}")
+    lines += ["", "At one width (the horizon exponent alone; what `lr_rule = \"horizon-tpp-1\"` uses at width 64):", ""]
+    for opt in OPTIMIZERS:
+        for width in sorted({o.width for o in ops if o.optimizer == opt}):
+            if len({o.steps for o in ops if o.optimizer == opt and o.width == width}) > 1:
+                rule = fit([r for r in rows if r["width"] == width], opt)
+                lines.append(f"- width {width}: {rule.describe()}")
     return lines
 
 

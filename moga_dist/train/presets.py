@@ -32,21 +32,38 @@ def parameter_count(cfg: RunConfig) -> int:
     return m.num_layers * per_layer + embed * (1 if m.tie_embeddings else 2) + m.hidden_size
 
 
-def memory_estimate(cfg: RunConfig) -> dict:
-    """Per-GPU bytes by component for the preset's layout (bf16 weights and grads when engine.bf16)."""
+def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
+    """Per-GPU bytes by term for the preset's layout: `weights` (the model's own), `optimizer_state`
+    (momentum / Adam's moments), `other` (resident engine tensors: fp32 masters, gradient partitions
+    and buffers), `transient` (what exists only during a step: activations, logits, full-size
+    gradients before they are reduced), their `total`. engine: 'fsdp2' for FSDP2 (default: the
+    preset's parallel.engine at its engine.zero_stage; 3 is DeepSpeed ZeRO-3)."""
     p, m, t = cfg.parallel, cfg.model, cfg.training
     dp = data_parallel_size(cfg)
     shard = parameter_count(cfg) / (p.tensor_parallel * p.pipeline_parallel)
-    wbytes = 2 if cfg.engine.bf16 else 4
-    # fp32 optimizer state per parameter: MOGA's momentum (4 B) or AdamW's two moments (8 B), plus
-    # the fp32 master weights (4 B) when the model is bf16.
-    state_bytes = (4 if cfg.optimizer.name == "moga" else 8) + (4 if cfg.engine.bf16 else 0)
-    if p.engine == "deepspeed":                       # ZeRO-1 shards optimizer state, ZeRO-2 also grads
-        grads = shard * wbytes / (dp if cfg.engine.zero_stage >= 2 else 1)
-        states = shard * state_bytes / (dp if cfg.engine.zero_stage >= 1 else 1)
-    else:                                             # Megatron DDP fp32 grad buffer; optimizer state
-        grads = shard * 4                             # sharded by the distributed optimizer (zero_stage >= 1)
-        states = shard * state_bytes / (dp if cfg.engine.zero_stage >= 1 else 1)
+    bf16, stage = cfg.engine.bf16, cfg.engine.zero_stage
+    engine = engine or p.engine
+    w = 2 if bf16 else 4
+    moments = shard * (4 if cfg.optimizer.name == "moga" else 8)
+    if engine == "deepspeed":
+        sharded_state = stage >= 1
+        weights = shard * w / (dp if stage >= 3 else 1)
+        # ZeRO keeps an fp32 copy of each rank's partition (a clone even when the model is fp32),
+        # and at ZeRO >= 2 the reduced gradient partition in the model's dtype.
+        other = shard * 4 / (dp if stage >= 1 else 1) + shard * w / (dp if stage >= 2 else 1)
+        # Backward fills the gradient bucket (500M elements by default, so the whole model at these
+        # sizes) before reduce-scatter; ZeRO-3 reduces and frees per layer.
+        transient = shard * w if stage <= 2 else 0.0
+    elif engine == "fsdp2":
+        sharded_state = True
+        weights, other = shard * w / dp, shard * w / dp          # sharded parameters and gradients
+        transient = 0.0                                          # per-layer unsharded weights/grads: in acts
+    else:                                                        # Megatron: fp32 grad buffer of the full
+        sharded_state = stage >= 1                               # model; fp32 masters only under bf16
+        weights = shard * w
+        other = shard * 4 + (shard * 4 / (dp if sharded_state else 1) if bf16 else 0)
+        transient = 0.0
+    states = moments / (dp if sharded_state else 1)
     # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it
     # is; with full recomputation only each layer's input is kept, plus one layer's working set.
     s, b, h, a = m.max_seq_len, t.micro_batch_size, m.hidden_size, m.num_heads
@@ -57,10 +74,12 @@ def memory_estimate(cfg: RunConfig) -> dict:
     else:
         acts = layers * layer_full
     logits = s * b * m.vocab_size / p.tensor_parallel * 4 * 2          # fp32 logits and their grad
-    total = shard * wbytes + grads + states + acts + logits
+    transient += acts + logits
+    total = weights + states + other + transient
     budget = GPU_MEMORY_GIB[p.gpu] * 2 ** 30 * USABLE_FRACTION
-    return {"params": parameter_count(cfg), "weights": shard * wbytes, "grads": grads, "optimizer_state": states,
-            "activations": acts + logits, "total": total, "budget": budget, "fits": total <= budget}
+    return {"params": parameter_count(cfg), "weights": weights, "optimizer_state": states, "other": other,
+            "transient": transient, "grads": other, "activations": acts + logits, "total": total,
+            "budget": budget, "fits": total <= budget}
 
 
 def check(cfg: RunConfig) -> dict:

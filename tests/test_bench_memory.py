@@ -97,3 +97,15 @@ def test_checkpoint_goal_names_deepspeed_files_and_the_model_space_share():
     assert missed == ["memory zero2: missed: MOGA's checkpoint is 1.75x AdamW's: DeepSpeed's own files beside the "
                       "model-space state (checkpoint.deepspeed_files=true, the default); the model-space state alone "
                       "is 0.50x AdamW's (checkpoint.deepspeed_files=false)"], missed
+
+
+# Steady states measured by the rehearsal at 349M parameters, ZeRO-2, DP 2 (docs/benchmarks.md,
+# 2026-12-03): training peak minus the RSS after imports, GiB per rank.
+MEASURED_350M_ZERO2 = {("moga", False): 4.78, ("adamw", False): 5.43, ("moga", True): 2.85, ("adamw", True): 4.79}
+
+
+@pytest.mark.parametrize("opt,bf16", list(MEASURED_350M_ZERO2))
+def test_estimator_within_15_percent_of_the_measured_zero2_steady_state(opt, bf16):
+    cfg = load("configs/llama_350m_cpu.toml", [f"optimizer.name='{opt}'", f"engine.bf16={str(bf16).lower()}"])
+    ratio = memory_estimate(cfg)["total"] / G / MEASURED_350M_ZERO2[opt, bf16]
+    assert abs(ratio - 1) <= 0.15, ratio

@@ -1,19 +1,23 @@
-"""`python -m moga_dist.bench memory`: per-rank memory of the training job at a non-toy size.
+"""`python -m moga_dist.bench memory`: per-rank memory of training, saving and loading, MOGA vs AdamW
+under the same engine, at a non-toy size.
 
-A rehearsal on this machine: the preset (default configs/llama_350m_cpu.toml, ~349M parameters) on
-2 CPU ranks through the job's own code (moga_dist.train: backend, loop, checkpoint), once with MOGA
-and once with AdamW under the same engine. Each run trains `steps` steps and saves a checkpoint in
-one pair of processes, then a fresh pair resumes from it (load) and trains one more step. Per rank
-it prints the peak RSS during the steps, during the save and during the load (moga_dist.bench.rss:
-VmHWM reset at each phase), the checkpoint's bytes on disk and the preset estimator's prediction
-(train/presets.py) against the measured steady state (training peak minus the RSS after imports).
-One ratio line per engine sums up; each goal that is missed is named with the term that is off.
+A rehearsal on this machine: a preset (--config; default configs/llama_350m_cpu.toml, 349M
+parameters; configs/llama_60m_cpu.toml, 56M, for a quicker run) on 2 CPU ranks, once with MOGA
+and once with AdamW per engine. Each run trains `steps` steps and saves a checkpoint in one pair
+of processes, then a fresh pair resumes from it (load) and trains one more step. Per rank it
+prints the peak RSS during the steps, the save and the load (moga_dist.bench.rss: VmHWM reset at
+each phase), the checkpoint's bytes on disk, and the preset estimator's prediction
+(train/presets.py) against the measured steady state (training peak minus the RSS after imports),
+term by term: weights, optimizer_state and other from a census of the tensors alive after the
+steps (resident pages only), transient = steady state minus those. One ratio line per engine, then
+each missed goal (GOALS) with the term that is off.
 
-Engines measured: DeepSpeed ZeRO-2, fp32 and bf16 (the job's DeepSpeed backend runs ZeRO 0-2).
-ZeRO-3, Megatron's distributed optimizer and FSDP2 are not run here: the job has no ZeRO-3 or
-FSDP2 backend, and its Megatron backend needs the CUDA-to-CPU shims of the tests on a CPU machine
-(the Megatron checkpoint's memory is measured by tests/test_checkpoint_memory.py instead).
-Heavy: engines run one at a time, the two ranks niced; check `free -g` first (~6 GiB per rank).
+Engines (memory_engines.PATHS says which code each runs, and the ratio line repeats it): zero2 and
+zero2_bf16 through the training job; zero3 and zero3_bf16 through the job with stage 3 set after
+its config check; megatron_distopt through the job's Megatron backend on the tests' CPU shims
+(AdamW: megatron-core's Adam in that backend); fsdp2 through torch's public API with the job's
+model and data. Heavy: runs go one at a time, ranks niced; check `free -g` first (AdamW fp32 at
+349M: ~6 GiB per rank). --json keeps the records and lets an interrupted run resume.
 """
 from __future__ import annotations
 

@@ -1,16 +1,29 @@
 """Checks and a per-GPU memory estimate for the presets in configs/.
 
 `python -m moga_dist.train.presets configs/*.toml` prints, per preset: parameters, layout, and the
-estimated per-GPU memory (weights, gradients, fp32 master + MOGA momentum, activations) against the
-GPU it names. The estimate is first-order (no fragmentation, no framework buffers): it answers
-"does this layout plausibly fit", not "how much headroom is left".
+estimated per-GPU memory by term against the GPU it names. The estimate is the steady-state peak
+of training (no fragmentation, no communication library buffers, no process baseline): it answers
+"does this layout plausibly fit", not "how much headroom is left". Checked against the memory
+rehearsal (python -m moga_dist.bench memory; docs/benchmarks.md): within 8% at 349M, ZeRO-2, fp32
+and bf16, MOGA and AdamW (tests/test_bench_memory.py pins it to +-15%).
 
-Formula, P = parameters / (TP x PP) on a GPU, DP data-parallel ranks, w = 2 (bf16) or 4 bytes:
-weights P*w; gradients P*w/DP at ZeRO >= 2 (else P*w; Megatron keeps an fp32 buffer, P*4);
-optimizer state per parameter 4 B (MOGA's momentum) or 8 B (AdamW's two moments), plus 4 B of fp32
-master weights under bf16, divided by DP at ZeRO >= 1 / the distributed optimizer; activations
-per Korthikanti et al. (2022) plus fp32 logits and their gradient.
-"""
+Formula. P = parameters / (TP x PP) on a GPU, DP data-parallel ranks, w = 2 (bf16) or 4 bytes,
+S = optimizer state per parameter (MOGA's momentum 4 B, AdamW's two moments 8 B):
+  total = weights + optimizer_state + other + transient, transient = max(backward, step)
+- DeepSpeed ZeRO-s (DP' = DP at s >= 1, else 1): weights P*w (P*w/DP at s = 3); optimizer_state
+  S*P/DP'; other, the fp32 copy of the rank's partition, 4*P/DP' (a clone even for an fp32 model);
+  backward = the reduce bucket min(P, 500M)*w (/DP at s = 3) + the reduced gradient partition P*w
+  (/DP at s >= 2) + activations; step = the partition's fp32 gradient 4*P/DP' + AdamW's two
+  temporaries of its flat partition, 8*P/DP' (torch's single-tensor Adam: sqrt, then the division).
+  The old formula (weights + sharded grads + state + activations) left out the fp32 partition copy
+  and the whole-model gradient bucket of the backward: -42% at 349M fp32.
+- FSDP2 (engine='fsdp2'): weights P*w/DP; optimizer_state S*P/DP; backward and step: the sharded
+  gradients P*w/DP (freed by zero_grad(set_to_none=True)) + activations.
+- Megatron: weights P*w; other: the fp32 gradient buffer 4*P, plus fp32 masters 4*P/DP' under bf16;
+  optimizer_state S*P/DP' (DP' = DP with the distributed optimizer).
+- Activations per layer and micro batch per Korthikanti et al. (2022), plus fp32 logits and their
+  gradient; with full recomputation only each layer's input is kept, plus one layer's working set.
+""""""
 from __future__ import annotations
 
 import sys
@@ -33,37 +46,42 @@ def parameter_count(cfg: RunConfig) -> int:
 
 
 def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
-    """Per-GPU bytes by term for the preset's layout: `weights` (the model's own), `optimizer_state`
-    (momentum / Adam's moments), `other` (resident engine tensors: fp32 masters, gradient partitions
-    and buffers), `transient` (what exists only during a step: activations, logits, full-size
-    gradients before they are reduced), their `total`. engine: 'fsdp2' for FSDP2 (default: the
-    preset's parallel.engine at its engine.zero_stage; 3 is DeepSpeed ZeRO-3)."""
+    """Per-GPU bytes by term for the preset's layout (module docstring: the formula): `weights` (the
+    model's own), `optimizer_state` (momentum / Adam's moments), `other` (resident engine tensors:
+    fp32 masters, gradient buffers), `transient` (the larger of the backward's and the optimizer
+    step's short-lived bytes), and their `total`, the steady-state peak. engine: 'fsdp2' for FSDP2
+    (default: the preset's parallel.engine at its engine.zero_stage; 3 is DeepSpeed ZeRO-3)."""
     p, m, t = cfg.parallel, cfg.model, cfg.training
     dp = data_parallel_size(cfg)
     shard = parameter_count(cfg) / (p.tensor_parallel * p.pipeline_parallel)
-    bf16, stage = cfg.engine.bf16, cfg.engine.zero_stage
+    bf16, stage, adamw = cfg.engine.bf16, cfg.engine.zero_stage, cfg.optimizer.name != "moga"
     engine = engine or p.engine
     w = 2 if bf16 else 4
-    moments = shard * (4 if cfg.optimizer.name == "moga" else 8)
+    moments = shard * (8 if adamw else 4)
+    # AdamW's step builds its denominator from two temporaries of each tensor it updates (torch's
+    # single-tensor Adam: sqrt, then the division); ZeRO hands it one flat partition, so 8 B x P / DP.
+    # MOGA's temporaries are per matrix: left out.
+    adam_temps = 8 * shard if adamw else 0.0
     if engine == "deepspeed":
-        sharded_state = stage >= 1
+        state_dp = dp if stage >= 1 else 1
         weights = shard * w / (dp if stage >= 3 else 1)
-        # ZeRO keeps an fp32 copy of each rank's partition (a clone even when the model is fp32),
-        # and at ZeRO >= 2 the reduced gradient partition in the model's dtype.
-        other = shard * 4 / (dp if stage >= 1 else 1) + shard * w / (dp if stage >= 2 else 1)
-        # Backward fills the gradient bucket (500M elements by default, so the whole model at these
-        # sizes) before reduce-scatter; ZeRO-3 reduces and frees per layer.
-        transient = shard * w if stage <= 2 else 0.0
+        # ZeRO keeps an fp32 copy of each rank's partition, a clone even when the model is fp32.
+        other = shard * 4 / state_dp
+        bucket = min(shard, 5e8) * w / (dp if stage >= 3 else 1)   # reduce bucket: 500M elements by default
+        grads = shard * w / (dp if stage >= 2 else 1)               # reduced gradient partition
+        backward = bucket + grads
+        step = (shard * 4 + adam_temps) / state_dp                  # + the partition's gradient in fp32
     elif engine == "fsdp2":
-        sharded_state = True
-        weights, other = shard * w / dp, shard * w / dp          # sharded parameters and gradients
-        transient = 0.0                                          # per-layer unsharded weights/grads: in acts
-    else:                                                        # Megatron: fp32 grad buffer of the full
-        sharded_state = stage >= 1                               # model; fp32 masters only under bf16
+        state_dp = dp
+        weights, other = shard * w / dp, 0.0                        # sharded parameters (DTensor)
+        backward = shard * w / dp                                   # sharded gradients, freed after the step
+        step = shard * w / dp                                       # torch's per-tensor temporaries: small
+    else:                                                           # Megatron: fp32 grad buffer of the
+        state_dp = dp if stage >= 1 else 1                          # whole model; fp32 masters under bf16
         weights = shard * w
-        other = shard * 4 + (shard * 4 / (dp if sharded_state else 1) if bf16 else 0)
-        transient = 0.0
-    states = moments / (dp if sharded_state else 1)
+        other = shard * 4 + (shard * 4 / state_dp if bf16 else 0.0)
+        backward, step = 0.0, 0.0
+    states = moments / state_dp
     # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it
     # is; with full recomputation only each layer's input is kept, plus one layer's working set.
     s, b, h, a = m.max_seq_len, t.micro_batch_size, m.hidden_size, m.num_heads
@@ -74,11 +92,11 @@ def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
     else:
         acts = layers * layer_full
     logits = s * b * m.vocab_size / p.tensor_parallel * 4 * 2          # fp32 logits and their grad
-    transient += acts + logits
+    transient = max(backward + acts + logits, step)
     total = weights + states + other + transient
     budget = GPU_MEMORY_GIB[p.gpu] * 2 ** 30 * USABLE_FRACTION
     return {"params": parameter_count(cfg), "weights": weights, "optimizer_state": states, "other": other,
-            "transient": transient, "grads": other, "activations": acts + logits, "total": total,
+            "transient": transient, "activations": acts + logits, "total": total,
             "budget": budget, "fits": total <= budget}
 
 
@@ -94,7 +112,7 @@ def check(cfg: RunConfig) -> dict:
 def main(argv=None) -> int:
     paths = (argv if argv is not None else sys.argv[1:])
     gib = 2 ** 30
-    print(f"{'preset':<14}{'params':>10} {'layout':<24}{'weights':>8}{'grads':>8}{'optim':>8}{'acts':>8}"
+    print(f"{'preset':<14}{'params':>10} {'layout':<24}{'weights':>8}{'optim':>8}{'other':>8}{'transnt':>8}"
           f"{'total':>8}{'GPU':>11}  fits")
     bad = 0
     for path in paths:
@@ -102,8 +120,8 @@ def main(argv=None) -> int:
         e = check(cfg)
         p = cfg.parallel
         layout = f"{p.engine[:2]} {p.nodes}x{p.gpus_per_node} tp{p.tensor_parallel} pp{p.pipeline_parallel}"
-        print(f"{cfg.name:<14}{e['params'] / 1e9:>9.2f}B {layout:<24}{e['weights'] / gib:>8.1f}{e['grads'] / gib:>8.1f}"
-              f"{e['optimizer_state'] / gib:>8.1f}{e['activations'] / gib:>8.1f}{e['total'] / gib:>8.1f}"
+        print(f"{cfg.name:<14}{e['params'] / 1e9:>9.2f}B {layout:<24}{e['weights'] / gib:>8.1f}{e['optimizer_state'] / gib:>8.1f}"
+              f"{e['other'] / gib:>8.1f}{e['transient'] / gib:>8.1f}{e['total'] / gib:>8.1f}"
               f"{p.gpu:>11}  {'yes' if e['fits'] else 'NO'}")
         bad += not e["fits"]
     return 1 if bad else 0

@@ -23,7 +23,7 @@ S = optimizer state per parameter (MOGA's momentum 4 B, AdamW's two moments 8 B)
   optimizer_state S*P/DP' (DP' = DP with the distributed optimizer).
 - Activations per layer and micro batch per Korthikanti et al. (2022), plus fp32 logits and their
   gradient; with full recomputation only each layer's input is kept, plus one layer's working set.
-""""""
+"""
 from __future__ import annotations
 
 import sys

@@ -43,7 +43,6 @@ def measure_engine(preset: str | None, engine: str, optimizer: str, steps: int, 
                    overrides: tuple[str, ...] = ()) -> dict:
     """Train `steps` steps + save, then resume + 1 step, in two process pairs; the per-rank records."""
     from ..testing import spawn
-    from ..train.presets import memory_estimate
     from . import memory_engines as me
     from .rss import STEADY_MALLOC
 
@@ -63,11 +62,19 @@ def measure_engine(preset: str | None, engine: str, optimizer: str, steps: int, 
                 spawn(2, me.megatron_worker, preset, engine, common + extra, str(path), optimizer)
             else:
                 spawn(2, me.job_worker, preset, engine, common + extra, str(path))
-    cfg = me.load_cfg(preset, engine, common)
-    est = memory_estimate(cfg, engine="fsdp2" if engine == "fsdp2" else None)
+    est = estimate(preset, engine, optimizer, overrides)
     return {"engine": engine, "optimizer": optimizer, "path": PATHS[engine], "params": est["params"],
             "estimate": est, "ckpt_bytes": _dir_bytes(ckpt), "ckpt_model_space_bytes": _dir_bytes(ckpt / "moga_model_space"), "first": json.loads(first_json.read_text()),
             "second": json.loads(second_json.read_text())}
+
+
+def estimate(preset: str | None, engine: str, optimizer: str, overrides=()) -> dict:
+    """train/presets.py's estimate for this engine's run of the preset."""
+    from ..train.presets import memory_estimate
+    from .memory_engines import load_cfg
+
+    cfg = load_cfg(preset, engine, [f"optimizer.name='{optimizer}'", *overrides])
+    return memory_estimate(cfg, engine="fsdp2" if engine == "fsdp2" else None)
 
 
 def measured_terms(row: dict) -> dict:
@@ -156,7 +163,16 @@ def main(argv=None) -> None:
     ap.add_argument("--optimizers", default="moga,adamw")
     ap.add_argument("--steps", type=int, default=1, help="steps before the checkpoint")
     ap.add_argument("--json", help="also write the raw records here (appended to, so a run resumes)")
+    ap.add_argument("--report", action="store_true", help="only print the report of --json's records, with "
+                    "the estimator recomputed (after a change to train/presets.py)")
     args = ap.parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.json).read_text())
+        for r in results:
+            r["estimate"] = estimate(args.preset, r["engine"], r["optimizer"], args.set)
+        print(f"# python -m moga_dist.bench memory --config {args.preset} (report of {args.json})")
+        print("\n".join(report(results)))
+        return
     engines = [e for e in args.engines.split(",") if e]
     bad = [e for e in engines if e not in ENGINES]
     if bad:

@@ -99,7 +99,8 @@ def census(model, opt) -> dict:
 
     gc.collect()
     seen: set = set()
-    weights = _storage_bytes(list(model.parameters()), seen)
+    params = list(model.parameters())
+    weights = _storage_bytes(params + [p.ds_tensor for p in params if hasattr(p, "ds_tensor")], seen)  # ZeRO-3
     states = _storage_bytes(inner_states(opt), seen)
     with warnings.catch_warnings():      # gc finds deprecated tensor subclasses too
         warnings.simplefilter("ignore")

@@ -62,12 +62,21 @@ def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
     # single-tensor Adam: sqrt, then the division); ZeRO hands it one flat partition, so 8 B x P / DP.
     # MOGA's temporaries are per matrix: left out.
     adam_temps = 8 * shard if adamw else 0.0
-    if engine == "deepspeed":
+    if engine == "deepspeed" and stage >= 3:
+        # ZeRO-3: the weight, fp32 master and gradient partitions, plus the reduce bucket (allocated
+        # once, written whole at these sizes); a step gathers the weights (up to max_live_parameters,
+        # 1e9 elements by default, so all of them here) and reduce-scatters a flat copy of the bucket.
+        state_dp, bucket = dp, min(shard, 5e8) * w
+        weights = shard * w / dp
+        other = shard * 4 / dp + shard * w / dp + bucket
+        backward = min(shard, 1e9) * w + bucket
+        step = (shard * 4 + adam_temps) / dp
+    elif engine == "deepspeed":
         state_dp = dp if stage >= 1 else 1
-        weights = shard * w / (dp if stage >= 3 else 1)
+        weights = shard * w
         # ZeRO keeps an fp32 copy of each rank's partition, a clone even when the model is fp32.
         other = shard * 4 / state_dp
-        bucket = min(shard, 5e8) * w / (dp if stage >= 3 else 1)   # reduce bucket: 500M elements by default
+        bucket = min(shard, 5e8) * w                                # reduce bucket: 500M elements by default
         grads = shard * w / (dp if stage >= 2 else 1)               # reduced gradient partition
         backward = bucket + grads
         step = (shard * 4 + adam_temps) / state_dp                  # + the partition's gradient in fp32

@@ -299,6 +299,7 @@ def fsdp2_worker(rank, world, preset, engine, overrides, out_json, optimizer, ck
     if resume:
         job.load()
         job.train_step(steps)
+        record["census"] = census(model, opt)
     else:
         for step in range(steps):
             job.train_step(step)

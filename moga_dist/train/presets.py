@@ -15,10 +15,16 @@ S = optimizer state per parameter (MOGA's momentum 4 B, AdamW's two moments 8 B)
   backward = the reduce bucket min(P, 500M)*w (/DP at s = 3) + the reduced gradient partition P*w
   (/DP at s >= 2) + activations; step = the partition's fp32 gradient 4*P/DP' + AdamW's two
   temporaries of its flat partition, 8*P/DP' (torch's single-tensor Adam: sqrt, then the division).
+  At s = 3: weights, fp32 master and gradient partitions, and the reduce bucket min(P, 500M)*w stay
+  resident (other); transient = gathered weights min(P, 1e9)*w + the bucket's reduce-scatter copy +
+  the fp32 gradient partition + one AdamW temporary 4*P/DP + activations (backward and step add up:
+  the gathered weights are still live in the step; fitted at 56M).
   The old formula (weights + sharded grads + state + activations) left out the fp32 partition copy
   and the whole-model gradient bucket of the backward: -42% at 349M fp32.
-- FSDP2 (engine='fsdp2'): weights P*w/DP; optimizer_state S*P/DP; backward and step: the sharded
-  gradients P*w/DP (freed by zero_grad(set_to_none=True)) + activations.
+- FSDP2 (engine='fsdp2', fully_shard per decoder layer and at the root): weights P*w/DP;
+  optimizer_state S*P/DP; backward: the root unit's weights and gradient unsharded, 2*R*w (R =
+  embedding + head parameters), + the sharded gradients P*w/DP (freed by zero_grad(set_to_none=True))
+  + activations.
 - Megatron: weights P*w; other: the fp32 gradient buffer 4*P, plus fp32 masters 4*P/DP' under bf16;
   optimizer_state S*P/DP' (DP' = DP with the distributed optimizer).
 - Activations per layer and micro batch per Korthikanti et al. (2022), plus 5 x s x b x V fp32 floats
@@ -66,11 +72,14 @@ def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
         # ZeRO-3: the weight, fp32 master and gradient partitions, plus the reduce bucket (allocated
         # once, written whole at these sizes); a step gathers the weights (up to max_live_parameters,
         # 1e9 elements by default, so all of them here) and reduce-scatters a flat copy of the bucket.
+        # The gathered weights are still live in the optimizer step, so backward and step add up;
+        # AdamW's temporaries count once (fitted to the 56M rehearsal, docs/benchmarks.md: the split
+        # between the two is not measured, their sum is).
         state_dp, bucket = dp, min(shard, 5e8) * w
         weights = shard * w / dp
         other = shard * 4 / dp + shard * w / dp + bucket
-        backward = min(shard, 1e9) * w + bucket
-        step = (shard * 4 + adam_temps) / dp
+        backward = min(shard, 1e9) * w + bucket + (shard * 4 + adam_temps / 2) / dp
+        step = 0.0
     elif engine == "deepspeed":
         state_dp = dp if stage >= 1 else 1
         weights = shard * w
@@ -83,7 +92,10 @@ def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
     elif engine == "fsdp2":
         state_dp = dp
         weights, other = shard * w / dp, 0.0                        # sharded parameters (DTensor)
-        backward = shard * w / dp                                   # sharded gradients, freed after the step
+        # The root unit (embedding, head, final norm: fully_shard(model) after each layer's) stays
+        # unsharded through forward and backward, with its unsharded gradient; + the sharded gradients.
+        root = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) / p.tensor_parallel
+        backward = 2 * root * w + shard * w / dp
         step = shard * w / dp                                       # torch's per-tensor temporaries: small
     else:                                                           # Megatron: fp32 grad buffer of the
         state_dp = dp if stage >= 1 else 1                          # whole model; fp32 masters under bf16

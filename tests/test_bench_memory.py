@@ -109,3 +109,12 @@ def test_estimator_within_15_percent_of_the_measured_zero2_steady_state(opt, bf1
     cfg = load("configs/llama_350m_cpu.toml", [f"optimizer.name='{opt}'", f"engine.bf16={str(bf16).lower()}"])
     ratio = memory_estimate(cfg)["total"] / G / MEASURED_350M_ZERO2[opt, bf16]
     assert abs(ratio - 1) <= 0.15, ratio
+
+
+def test_a_resume_that_leaves_memory_resident_misses_the_load_goal_naming_the_term():
+    m, a = record("moga", G, 3, est(G)), record("adamw", 2 * G, 4, est(2 * G))
+    m["second"] = [rank(r, G, 4 * G, G, 4 * G, G, load=2 * G) for r in (0, 1)]   # 'other' +2 GiB after the load
+    missed = [x for x in memory.report([m, a]) if "missed" in x]
+    assert missed == ["memory zero2: missed: load raises the peak 1.22x for moga (goal <= 1.10): the resumed steps' "
+                      "peak, term other +2.00 GiB over the first run's (left by the load, or by a second step: "
+                      "--steps 2 separates them)"], missed

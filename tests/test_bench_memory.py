@@ -38,7 +38,7 @@ def test_ratio_line_and_goals_met():
     lines = memory.report([record("moga", G, 3, est(G)), record("adamw", 2 * G, 4, est(2 * G))])
     ratio = [x for x in lines if x.startswith("memory zero2: moga/adamw_peak")]
     assert ratio == ["memory zero2: moga/adamw_peak=0.90 save_over_train=1.00 load_over_train=1.00 "
-                     "estimate/measured=1.00 (adamw 1.00) ckpt_moga/adamw=0.75 adamw-moga_peak=4.00 B x params/DP [job]"]
+                     "estimate/measured=1.00 (adamw 1.00) ckpt_moga/adamw=0.75 adamw-moga_peak=4.00 B x params/DP [job; 1 step(s) before the save]"]
     assert not [x for x in lines if "missed" in x]
     assert "weights=4.00/4.00 optimizer_state=1.00/1.00 other=2.00/2.00 transient=1.00/1.00" in lines[0]
 

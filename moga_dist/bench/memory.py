@@ -18,6 +18,10 @@ its config check; megatron_distopt through the job's Megatron backend on the tes
 (AdamW: megatron-core's Adam in that backend); fsdp2 through torch's public API with the job's
 model and data. Heavy: runs go one at a time, ranks niced; check `free -g` first (AdamW fp32 at
 349M: ~6 GiB per rank). --json keeps the records and lets an interrupted run resume.
+
+--steps: DeepSpeed's ZeRO optimizers create the optimizer state at initialization, but torch's
+optimizers (FSDP2, Megatron's wrappers) and MOGA outside DeepSpeed create it in the first step,
+after that step's backward: with --steps 1 their first training peak can miss the state. Use 2.
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def measure_engine(preset: str | None, engine: str, optimizer: str, steps: int, 
             else:
                 spawn(2, me.job_worker, preset, engine, common + extra, str(path))
     est = estimate(preset, engine, optimizer, overrides)
-    return {"engine": engine, "optimizer": optimizer, "path": PATHS[engine], "params": est["params"],
+    return {"engine": engine, "optimizer": optimizer, "path": PATHS[engine], "params": est["params"], "steps": steps,
             "estimate": est, "ckpt_bytes": _dir_bytes(ckpt), "ckpt_model_space_bytes": _dir_bytes(ckpt / "moga_model_space"), "first": json.loads(first_json.read_text()),
             "second": json.loads(second_json.read_text())}
 
@@ -131,7 +135,7 @@ def ratio_lines(engine: str, m: dict, a: dict, dp: int) -> list[str]:
     lines = [f"memory {engine}: moga/adamw_peak={peak(m) / peak(a):.2f} save_over_train={save:.2f} "
              f"load_over_train={load:.2f} estimate/measured={est['moga'][0]:.2f} (adamw {est['adamw'][0]:.2f}) "
              f"ckpt_moga/adamw={m['ckpt_bytes'] / a['ckpt_bytes']:.2f} adamw-moga_peak={gap:.2f} B x params/DP "
-             f"[{m['path']}]"]
+             f"[{m['path']}; {m.get('steps', 1)} step(s) before the save]"]
     missed = []
     if gap < GOALS["peak_gap_bytes_per_param_over_dp"]:
         sm, sa = (measured_terms(max(r["first"], key=lambda x: x["train_step"]["peak"])) for r in (m, a))

@@ -145,11 +145,20 @@ def load_cfg(preset, engine: str, overrides: list[str]):
 
 
 def _baseline() -> int:
+    """RSS once every library a worker uses is imported: imports are not the model's memory
+    (megatron-core alone is ~170 MiB, and the job's data loader imports it on every engine)."""
+    import importlib
+
     from .rss import rss
 
-    import deepspeed  # noqa: F401  (imported before the baseline: imports are not the model's memory)
-    import transformers  # noqa: F401
-
+    for name in ("deepspeed", "transformers", "torch.utils.tensorboard", "torch.distributed.checkpoint",
+                 "torch.distributed.fsdp", "megatron.core", "megatron.core.datasets.indexed_dataset",
+                 "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.dist_checkpointing",
+                 "megatron.core.distributed"):
+        try:
+            importlib.import_module(name)
+        except ImportError:              # megatron-core is optional outside the Megatron row
+            pass
     os.nice(5)
     gc.collect()
     return rss()

@@ -22,8 +22,8 @@ S = optimizer state per parameter (MOGA's momentum 4 B, AdamW's two moments 8 B)
   The old formula (weights + sharded grads + state + activations) left out the fp32 partition copy
   and the whole-model gradient bucket of the backward: -42% at 349M fp32.
 - FSDP2 (engine='fsdp2', fully_shard per decoder layer and at the root): weights P*w/DP;
-  optimizer_state S*P/DP; backward: the root unit's weights, gradient and reduce-scatter input
-  unsharded, 3*R*w (R = embedding + head parameters), + the sharded gradients P*w/DP (freed by zero_grad(set_to_none=True))
+  optimizer_state S*P/DP; backward: the root unit's weights and gradient unsharded, 2*R*w
+  (R = embedding + head parameters), + the sharded gradients P*w/DP (freed by zero_grad(set_to_none=True))
   + activations.
 - Megatron: weights P*w; other: the fp32 gradient buffer 4*P, plus fp32 masters 4*P/DP' under bf16;
   optimizer_state S*P/DP' (DP' = DP with the distributed optimizer); on CPU (gloo, parallel.gpu =
@@ -94,17 +94,16 @@ def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
         state_dp = dp
         weights, other = shard * w / dp, 0.0                        # sharded parameters (DTensor)
         # The root unit (embedding, head, final norm: fully_shard(model) after each layer's) stays
-        # unsharded through forward and backward, with its unsharded gradient and the full-size
-        # reduce-scatter input FSDP2 copies that gradient into; + the sharded gradients.
+        # unsharded through forward and backward, with its unsharded gradient; + the sharded gradients.
         root = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) / p.tensor_parallel
-        backward = 3 * root * w + shard * w / dp
+        backward = 2 * root * w + shard * w / dp
         step = shard * w / dp                                       # torch's per-tensor temporaries: small
     else:                                                           # Megatron: fp32 grad buffer of the
         state_dp = dp if stage >= 1 else 1                          # whole model; fp32 masters under bf16
         weights = shard * w
         other = shard * 4 + (shard * 4 / state_dp if bf16 else 0.0)
         # On CPU (gloo) the grad buffer's reduce-scatter and the weights' all-gather go through a
-        # full-size copy (measured at 56M: +4 B/param over activations); NCCL's need none.
+        # full-size copy (fitted at 56M: the transient was 0.25 GiB where activations are 0.10).
         backward, step = (shard * 4 if p.gpu == "cpu" else 0.0), 0.0
     states = moments / state_dp
     # Activations per layer and micro batch (Korthikanti et al. 2022), bf16, TP-sharded where it

@@ -17,8 +17,8 @@ S = optimizer state per parameter (MOGA's momentum 4 B, AdamW's two moments 8 B)
   temporaries of its flat partition, 8*P/DP' (torch's single-tensor Adam: sqrt, then the division).
   At s = 3: weights, fp32 master and gradient partitions, and the reduce bucket min(P, 500M)*w stay
   resident (other); transient = gathered weights min(P, 1e9)*w + the bucket's reduce-scatter copy +
-  the fp32 gradient partition + one AdamW temporary 4*P/DP + activations (backward and step add up:
-  the gathered weights are still live in the step; fitted at 56M).
+  (under bf16) the fp32 gradient partition 4*P/DP + activations (backward and step add up: the
+  gathered weights are still live in the step; fitted at 56M).
   The old formula (weights + sharded grads + state + activations) left out the fp32 partition copy
   and the whole-model gradient bucket of the backward: -42% at 349M fp32.
 - FSDP2 (engine='fsdp2', fully_shard per decoder layer and at the root): weights P*w/DP;
@@ -73,13 +73,13 @@ def memory_estimate(cfg: RunConfig, engine: str | None = None) -> dict:
         # ZeRO-3: the weight, fp32 master and gradient partitions, plus the reduce bucket (allocated
         # once, written whole at these sizes); a step gathers the weights (up to max_live_parameters,
         # 1e9 elements by default, so all of them here) and reduce-scatters a flat copy of the bucket.
-        # The gathered weights are still live in the optimizer step, so backward and step add up;
-        # AdamW's temporaries count once (fitted to the 56M rehearsal, docs/benchmarks.md: the split
-        # between the two is not measured, their sum is).
+        # The gathered weights are still live in the optimizer step, with the fp32 copy of the
+        # gradient partition under bf16; AdamW's temporaries did not show (fitted to the 56M
+        # rehearsal, docs/benchmarks.md: the split between the terms is not measured, their sum is).
         state_dp, bucket = dp, min(shard, 5e8) * w
         weights = shard * w / dp
         other = shard * 4 / dp + shard * w / dp + bucket
-        backward = min(shard, 1e9) * w + bucket + (shard * 4 + adam_temps / 2) / dp
+        backward = min(shard, 1e9) * w + bucket + (shard * 4 / dp if bf16 else 0.0)
         step = 0.0
     elif engine == "deepspeed":
         state_dp = dp if stage >= 1 else 1

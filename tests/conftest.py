@@ -32,7 +32,7 @@ KINDS = {
     "distributed": ("test_ddp", "test_fuzz_layouts", "test_sharded", "test_spawn_phases"),
     # MOGA inside an engine: DeepSpeed, Megatron-core / Megatron-LM, FSDP1/FSDP2/DTensor, Hugging Face,
     # Lightning, torchtitan
-    "engines": ("test_bench_comm_fsdp", "test_checkpoint_memory", "test_deepspeed", "test_deepspeed_plain",
+    "engines": ("test_bench_comm_fsdp", "test_bench_memory", "test_checkpoint_memory", "test_deepspeed", "test_deepspeed_plain",
                 "test_deepspeed_recipes", "test_deepspeed_reshard", "test_deepspeed_zero3", "test_dtensor",
                 "test_frontdoors", "test_fsdp1", "test_fsdp2_recipe", "test_megatron", "test_megatron_lm"),
     # the training job end to end: resume, faults, resharding, launchers, launch scripts, docker

@@ -31,10 +31,14 @@ class HorizonRule:
     rms_factor: float
     points: int
 
+    def clamped(self, tpp: float) -> float:
+        """`tpp` held to the tokens/parameter range the sweep covered."""
+        lo, hi = self.tokens_per_param
+        return min(max(tpp, lo), hi)
+
     def lr(self, tuned_lr: float, tuned_tpp: float, tpp: float) -> float:
         """The rule's lr at `tpp` tokens/parameter, from the best lr `tuned_lr` at `tuned_tpp`."""
-        lo, hi = self.tokens_per_param
-        return tuned_lr * (min(max(tpp, lo), hi) / tuned_tpp) ** self.exponent
+        return tuned_lr * (self.clamped(tpp) / tuned_tpp) ** self.exponent
 
     def describe(self) -> str:
         return (f"{self.name}: lr = tuned_lr * (tokens/parameter / tuned)^{self.exponent:+.2f}, fitted to MOGA-row's "
@@ -116,8 +120,7 @@ def explain(cfg: RunConfig) -> str:
              f"  this preset: width {d.width}, {d.steps} steps, {d.tokens_per_param:.1f} tokens/parameter",
              f"  rule:        {rule.describe() if isinstance(rule, HorizonRule) else rule}"]
     if d.rule_lr is not None and isinstance(rule, HorizonRule):
-        lo, hi = rule.tokens_per_param
-        used = min(max(d.tokens_per_param, lo), hi)
+        used = rule.clamped(d.tokens_per_param)
         lines.append(f"  lr here:     {d.tuned_lr:g} * ({used:.1f} / {d.tuned_tokens_per_param:g})^{rule.exponent:+.2f}"
                      f" = {d.rule_lr:.3g}")
     elif d.rule_lr is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .grid import bracket
+from .grid import bracket, group_key
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ def optimum(rows: list[dict]) -> Optimum | None:
 
 def optima(rows: list[dict]) -> list[Optimum]:
     """Optimum per bracketed group, sorted by optimizer, horizon, width."""
-    by: dict[tuple, list[dict]] = {}
+    by: dict[str, list[dict]] = {}
     for r in rows:
-        by.setdefault((r["optimizer"], r["width"], r["steps"]), []).append(r)
+        by.setdefault(group_key(r), []).append(r)      # the sweep's own grouping: every setting but lr
     out = [o for g in by.values() if (o := optimum(g)) is not None]
     return sorted(out, key=lambda o: (o.optimizer, o.steps, o.width))
 

@@ -238,7 +238,8 @@ class MOGA(EngineInterface, torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        """Load, keeping momentum in fp32 and refusing a checkpoint written for another layout."""
+        """Load (the given momentum tensors become the state, as in torch.optim), keeping momentum in
+        fp32 and refusing a checkpoint written for another layout."""
         state_dict = dict(state_dict)
         saved_layouts = state_dict.pop("layouts", None)
         params = [p for g in self.param_groups for p in g["params"]]
@@ -250,8 +251,10 @@ class MOGA(EngineInterface, torch.optim.Optimizer):
                 if _plain(saved) != _plain(mine):
                     raise ValueError(f"checkpoint parameter {i} ({self.tensors.name_of(p)}) was saved with layout "
                                      f"{saved}, but this run has {mine}; reshard the checkpoint first")
-        momenta = {k: v["momentum_buffer"].clone() for k, v in state_dict["state"].items()
-                   if "momentum_buffer" in v}
+        # As torch.optim does, the given fp32 tensors become the state (no copy: DCP and the engines
+        # load in place, and a copy would cost 4 B x parameters / DP at every resume).
+        momenta = {k: v["momentum_buffer"] for k, v in state_dict["state"].items() if "momentum_buffer" in v}
+        self._programs.forget_tensors()     # the old momenta go now, not at the next step's rebuild
         super().load_state_dict(state_dict)
         self.invalidate()
         # torch casts state to the parameter dtype on load; MOGA keeps momentum in fp32.

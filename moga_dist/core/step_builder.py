@@ -91,6 +91,13 @@ class ProgramCache:
             piece.grad = grad if src.span is None else grad[src.span[0]:src.span[0] + src.span[1]]
         return self.pieces, self.program, (self.reduce if opt.reducer.reduce_order else None)
 
+    def forget_tensors(self) -> None:
+        """Drop the built program and every tensor it references (momentum, parameters, statistics),
+        so a load's replaced state is freed now, not at the next step's rebuild (which would hold two
+        momenta, 4 B x parameters / DP, through the resumed step's peak)."""
+        self.program, self.signature, self.reduce = None, None, None
+        self.pieces, self.sources, self.states = [], [], []
+
     def release(self) -> None:
         """Drop this step's gradient references."""
         for piece in self.pieces:

@@ -19,7 +19,16 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 from dist_utils import free_port, spawn  # noqa: E402
-from fault_cases import COMMON, MARKER, RANK0, RANK1, STRAIGHT, killed_mid_save, resume, scenarios  # noqa: E402
+from fault_cases import (  # noqa: E402
+    COMMON,
+    MARKER,
+    RANK0,
+    RANK1,
+    STRAIGHT,
+    killed_mid_save,
+    resume,
+    scenarios,
+)
 from train_cases import TINY  # noqa: E402
 
 S3, S6 = "step00000003", "step00000006"

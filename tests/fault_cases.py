@@ -1,7 +1,8 @@
 """Workers for the fault-injection tests of the training job (2 gloo ranks, the tiny LLaMA of
 train_cases). One uninterrupted run writes step 3 and step 6; each scenario damages a copy of its
 checkpoints and resumes it; the outcome of every scenario is recorded, and tests/test_faults.py
-judges each one separately."""
+judges each one separately. The checkpoints are the default's: MOGA's model-space state alone
+(common.pt and one rank file per rank, no DeepSpeed files)."""
 import json
 import os
 import shutil
@@ -14,6 +15,9 @@ from train_cases import tiny
 
 STRAIGHT = "straight"
 MARKER = "payload-ran"
+COMMON = "moga_model_space/common.pt"        # step counts, param groups, lr scheduler, buffers
+RANK0 = "moga_model_space/rank00000.pt"      # rank 0's pieces: fp32 weights + momentum
+RANK1 = "moga_model_space/rank00001.pt"
 
 
 class Payload:
@@ -44,7 +48,7 @@ def rewrite_manifest_entry(ckpt: Path, rel: str) -> None:
 
 
 def plant_payload(ckpt: Path, marker: str) -> None:
-    rel = "mp_rank_00_model_states.pt"
+    rel = COMMON
     state = torch.load(ckpt / rel, weights_only=False)     # our own file, written a moment ago
     state["client_note"] = Payload(marker)
     torch.save(state, ckpt / rel)
@@ -54,9 +58,9 @@ def plant_payload(ckpt: Path, marker: str) -> None:
 def _damage(name: str, ckpt: Path, base: Path) -> None:
     s6 = ckpt / "step00000006"
     if name == "flip_model":
-        flip_bytes(s6 / "mp_rank_00_model_states.pt")
+        flip_bytes(s6 / RANK0)
     elif name == "flip_optim":
-        flip_bytes(s6 / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        flip_bytes(s6 / RANK1)
     elif name == "deleted_latest":
         shutil.rmtree(s6)
     elif name == "bad_latest":
@@ -64,15 +68,15 @@ def _damage(name: str, ckpt: Path, base: Path) -> None:
     elif name == "missing_latest":
         (ckpt / "latest").unlink()
     elif name == "deleted_model_file":
-        (s6 / "mp_rank_00_model_states.pt").unlink()
+        (s6 / COMMON).unlink()
     elif name == "malformed_meta":
         (s6 / "meta.json").write_text('{"step": 6,\n')
         rewrite_manifest_entry(s6, "meta.json")
     elif name == "pickle_payload":
         plant_payload(s6, str(base / MARKER))
     elif name == "all_damaged":
-        flip_bytes(ckpt / "step00000003" / "mp_rank_00_model_states.pt")
-        flip_bytes(s6 / "mp_rank_00_model_states.pt")
+        flip_bytes(ckpt / "step00000003" / RANK0)
+        flip_bytes(s6 / RANK0)
 
 
 # scenario -> overrides of its resumed run (to step 6 unless it names training.steps)

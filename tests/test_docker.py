@@ -18,9 +18,11 @@ from moga_dist.train.safe_load import safe_load
 ROOT = Path(__file__).parent.parent
 IMAGE = os.environ.get("MOGA_TEST_IMAGE", "moga-dist:cpu-test")
 # The main job (configs/tiny_cpu.toml), shortened: 6 steps, an evaluation and a checkpoint at the end,
-# on the dataset the image prepared onto the shared volume (outputs/data/kjv.bin/.idx).
+# on the dataset the image prepared onto the shared volume (outputs/data/kjv.bin/.idx). DeepSpeed's own
+# files are asked for (not written for MOGA by default): the test reads the ZeRO files the image's
+# Python pickled (_assert_moga_state).
 SHORT = ["--set", "training.steps=6", "--set", "training.log_every=1", "--set", "training.eval_batches=2",
-         "--set", "data.paths=['outputs/data/kjv']"]
+         "--set", "data.paths=['outputs/data/kjv']", "--set", "checkpoint.deepspeed_files=true"]
 
 
 
@@ -125,6 +127,8 @@ def _assert_moga_state(ckpt: Path):
     of its size (AdamW would hold exp_avg/exp_avg_sq) and MOGA's saved layouts."""
     shards = sorted(ckpt.glob("zero_pp_rank_*_optim_states.pt"))
     assert len(shards) == 2, sorted(p.name for p in ckpt.iterdir())
+    space = sorted(p.name for p in (ckpt / "moga_model_space").iterdir())      # and MOGA's own state beside them
+    assert space == ["common.pt", "rank00000.pt", "rank00001.pt"], space
     for shard in shards:
         # The image's Python (Debian's 3.11.2) pickles ZeroStageEnum as getattr(ZeroStageEnum, name):
         # safe_load takes that as an enum-member lookup, so a resume inside the image works too.

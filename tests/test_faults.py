@@ -19,7 +19,16 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 from dist_utils import free_port, spawn  # noqa: E402
-from fault_cases import MARKER, STRAIGHT, killed_mid_save, resume, scenarios  # noqa: E402
+from fault_cases import (  # noqa: E402
+    COMMON,
+    MARKER,
+    RANK0,
+    RANK1,
+    STRAIGHT,
+    killed_mid_save,
+    resume,
+    scenarios,
+)
 from train_cases import TINY  # noqa: E402
 
 S3, S6 = "step00000003", "step00000006"
@@ -34,9 +43,10 @@ def faults(tmp_path_factory):
 
 
 def _weights(ckpt: Path):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The fp32 master weights, from MOGA's model-space state (the default checkpoint's only copy)."""
+    from moga_dist.engines.deepspeed_checkpoint import model_space_weights
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return model_space_weights(ckpt / "moga_model_space")
 
 
 def _digest(directory: Path) -> dict:
@@ -46,15 +56,14 @@ def _digest(directory: Path) -> dict:
 
 def _assert_equal_weights(a: Path, b: Path):
     wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
+    assert wa.keys() == wb.keys() and wa
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
 
 # scenario -> the file a refusal must name
-FALLBACK = {"flip_model": "mp_rank_00_model_states.pt", "flip_optim": "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "deleted_model_file": "mp_rank_00_model_states.pt", "malformed_meta": "meta.json",
-            "pickle_payload": "mp_rank_00_model_states.pt"}
+FALLBACK = {"flip_model": RANK0, "flip_optim": RANK1, "deleted_model_file": COMMON, "malformed_meta": "meta.json",
+            "pickle_payload": COMMON}
 
 
 @pytest.mark.parametrize("name", sorted(FALLBACK))
@@ -171,8 +180,8 @@ def _tmpfs_available() -> bool:
 def test_full_disk_says_no_space_left_keeps_the_previous_checkpoint_and_no_partial_dir(tmp_path):
     disk, report = tmp_path / "disk", tmp_path / "report.json"
     disk.mkdir()
-    # ~800 kB hold the step-2 checkpoint (DeepSpeed's files and MOGA's model-space state, ~750 kB)
-    # and DeepSpeed's scripts; the step-4 one does not fit. The
+    # 480 kB hold the step-2 checkpoint (MOGA's model-space state alone, ~310 kB, in 4 kB pages) and
+    # the logs; the step-4 one does not fit. The
     # mount lives in the namespace only, so the folder is inspected there, after the job exits.
     args = [a for s in TINY for a in ("--set", s)] + ["--set", f"output_dir='{disk}/run'", "--set",
                                                        "training.steps=4", "--set", "checkpoint.every=2",
@@ -180,7 +189,7 @@ def test_full_disk_says_no_space_left_keeps_the_previous_checkpoint_and_no_parti
     inspect = (f"import json, pathlib; from moga_dist.train import checkpoint as c; d = pathlib.Path('{disk}/run/checkpoints'); "
                f"json.dump({{'names': sorted(p.name for p in d.iterdir()), 'latest': (d / 'latest').read_text(), "
                f"'problems': c.verify(d / 'step00000002', c.Group(0, 1))}}, open('{report}', 'w'))")
-    script = (f'mount -t tmpfs -o size=1100k none {disk} && {{ "$@"; rc=$?; '
+    script = (f'mount -t tmpfs -o size=480k none {disk} && {{ "$@"; rc=$?; '
               f'{sys.executable} -c "{inspect}"; exit $rc; }}')
     proc = _cli(args, REPO, prefix=("unshare", "-rm", "sh", "-c", script, "sh"))
     _one_line_error(proc, "no space left")

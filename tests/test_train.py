@@ -1,4 +1,6 @@
 """The pretraining job: resume equals uninterrupted training; bad input is refused, nothing lost."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 from dist_utils import spawn  # noqa: E402
-from train_cases import refusals, resume_equivalence  # noqa: E402
+from train_cases import checkpoint_bytes, refusals, resume_equivalence  # noqa: E402
 
 
 def test_unknown_config_key_names_it_and_the_allowed_ones(tmp_path):
@@ -28,10 +30,27 @@ def test_overrides_are_parsed_as_toml_not_evaluated():
 
 
 def test_deepspeed_files_false_is_refused_where_only_deepspeed_files_hold_the_state():
-    assert not load(None, ["checkpoint.deepspeed_files=false"]).checkpoint.deepspeed_files
+    assert load(None, ["checkpoint.deepspeed_files=false"]).checkpoint.deepspeed_files is False
     for other in ("optimizer.name='adamw'", "parallel.engine='megatron'"):
         with pytest.raises(ValueError, match=r"checkpoint.deepspeed_files=false .*allowed only with 'deepspeed' and 'moga'"):
             load(None, ["checkpoint.deepspeed_files=false", other])
+
+
+def test_deepspeed_files_are_written_only_where_needed_unless_asked_for():
+    from moga_dist.train.config import deepspeed_files_written
+
+    # Unset (the default): DeepSpeed + MOGA writes the model-space state alone; AdamW's files are its state.
+    assert load(None).checkpoint.deepspeed_files is None
+    assert not deepspeed_files_written(load(None))
+    assert deepspeed_files_written(load(None, ["optimizer.name='adamw'"]))
+    for opt in ("moga", "adamw"):                      # an explicit true is honoured
+        assert deepspeed_files_written(load(None, ["checkpoint.deepspeed_files=true", f"optimizer.name='{opt}'"]))
+    assert not deepspeed_files_written(load(None, ["checkpoint.deepspeed_files=false"]))
+    with pytest.raises(ValueError, match=r"checkpoint.deepspeed_files=true with parallel.engine='megatron': allowed only "
+                                         r"with 'deepspeed'"):
+        load(None, ["checkpoint.deepspeed_files=true", "parallel.engine='megatron'"])
+    load(None, ["parallel.engine='megatron'"])        # the default does not trip either check
+    load(None, ["optimizer.name='adamw'"])
 
 
 def test_world_size_that_does_not_divide_the_batch_is_refused():
@@ -42,19 +61,48 @@ def test_world_size_that_does_not_divide_the_batch_is_refused():
 
 
 def _weights(ckpt_dir, tag):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The fp32 master weights of a MOGA checkpoint, from its model-space state (DeepSpeed's own
+    files are not written by default)."""
+    from moga_dist.engines.deepspeed_checkpoint import model_space_weights
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return model_space_weights(ckpt_dir / tag / "moga_model_space")
+
+
+def _files(ckpt: Path) -> dict[str, int]:
+    return {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
 
 
 def test_resume_equals_uninterrupted_training(tmp_path):
     spawn(2, resume_equivalence, str(tmp_path))
+    # The interrupted run's step 3 was written as the old default wrote it: both sets of files.
+    old = _files(tmp_path / "split/checkpoints/step00000003")
+    assert [f for f in old if f.endswith("optim_states.pt")] and [f for f in old if f.startswith("moga_model_space/")]
     straight = _weights(tmp_path / "straight/checkpoints", "step00000006")
     split = _weights(tmp_path / "split/checkpoints", "step00000006")
-    assert straight.keys() == split.keys()
+    assert straight.keys() == split.keys() and straight
     for k in straight:
         assert torch.equal(straight[k], split[k]), k
     assert (tmp_path / "split/checkpoints/latest").read_text() == "step00000006"
+
+
+def test_default_moga_checkpoint_holds_no_deepspeed_state_and_is_smaller_than_adamws(tmp_path):
+    """checkpoint.deepspeed_files unset: a DeepSpeed + MOGA checkpoint is MOGA's model-space state
+    (fp32 weights + momentum) alone, no ZeRO files duplicating it, and fewer bytes than the same job
+    with AdamW writes (its DeepSpeed files: fp32 weights, master copy, two moments)."""
+    spawn(2, checkpoint_bytes, str(tmp_path))
+    moga, adamw = (_files(tmp_path / run / "checkpoints/step00000003") for run in ("moga", "adamw"))
+    assert {"moga_model_space/common.pt", "moga_model_space/rank00000.pt", "moga_model_space/rank00001.pt"} <= set(moga)
+    assert not [f for f in moga if f.endswith(".pt") and not f.startswith("moga_model_space/")], sorted(moga)
+    assert len([f for f in adamw if f.endswith("optim_states.pt")]) == 2, sorted(adamw)
+    ratio = sum(moga.values()) / sum(adamw.values())
+    params = sum(w.numel() for w in _weights(tmp_path / "moga/checkpoints", "step00000003").values())
+    space = sum(n for f, n in moga.items() if f.startswith("moga_model_space/"))
+    print(f"checkpoint bytes: MOGA {sum(moga.values())} (model space {space / params:.2f} B/param), "
+          f"AdamW {sum(adamw.values())}, ratio {ratio:.2f}")
+    assert ratio < 1, (sorted(moga.items()), sorted(adamw.items()))
+    # fp32 weights + momentum, each element once over the ranks (a rank's pieces must not drag the
+    # flat buffer they are views of into its file): 8 B/param and the files' framing.
+    assert space <= 1.15 * 8 * params, (space, params)
 
 
 def test_other_model_or_fresh_start_over_checkpoints_is_refused_and_nothing_is_lost(tmp_path):

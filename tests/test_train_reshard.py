@@ -3,7 +3,9 @@ through MOGA's model-space state) and ends where the uninterrupted 2-rank run en
 weights within 1e-5 relative, MOGA's step count carried. The data are the shipped corpus prepared
 into megatron-core's indexed format, read through GPTDataset: step s trains on global samples
 [s*B, (s+1)*B) at any DP size, which is what makes the resumed run equal the uninterrupted one.
-One uninterrupted run and one run stopped at step 3 are shared by both resumes."""
+One uninterrupted run and one run stopped at step 3 are shared by both resumes; the stopped run
+writes its checkpoint as the old default did (DeepSpeed's files beside the model-space state,
+checkpoint.deepspeed_files=true), and the resumes, at the default, read the model-space state."""
 import shutil
 
 import pytest
@@ -20,7 +22,7 @@ from train_reshard_cases import run_job  # noqa: E402
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("reshard")
     spawn(2, run_job, str(base / "straight"), 6)
-    spawn(2, run_job, str(base / "split"), 6, 3)
+    spawn(2, run_job, str(base / "split"), 6, 3, "checkpoint.deepspeed_files=true")
     return base
 
 
@@ -30,6 +32,7 @@ def test_job_resumes_at_another_world_size(runs, tmp_path, world):
 
     split = tmp_path / "split"
     shutil.copytree(runs / "split", split)
+    assert list((split / "checkpoints/step00000003").glob("zero_pp_rank_*_optim_states.pt"))   # both sets
     spawn(world, run_job, str(split), 6)
     space = "checkpoints/step00000006/moga_model_space"
     straight = model_space_weights(runs / "straight" / space)
@@ -46,13 +49,14 @@ def test_job_resumes_at_another_world_size(runs, tmp_path, world):
 
 @pytest.mark.slow            # three job runs (~4.5 min on the busy 2-core machine)
 def test_job_without_deepspeed_files_resumes_and_stores_the_state_once(tmp_path):
-    """checkpoint.deepspeed_files=false: only MOGA's model-space state is written (no ZeRO files),
-    the run stopped at step 3 resumes (at 3 ranks) and ends where the straight run ends (1e-5), and
-    the checkpoint is smaller than one with DeepSpeed's duplicate of the fp32 weights and momentum."""
+    """checkpoint.deepspeed_files unset (the default) or false: only MOGA's model-space state is
+    written (no ZeRO files), the run stopped at step 3 resumes (at 3 ranks) and ends where the
+    straight run ends (1e-5), and the checkpoint is smaller than one with DeepSpeed's duplicate of
+    the fp32 weights and momentum (checkpoint.deepspeed_files=true)."""
     from moga_dist.engines.deepspeed_checkpoint import model_space_weights
 
-    spawn(2, run_job, str(tmp_path / "straight"), 6)
-    spawn(2, run_job, str(tmp_path / "split"), 6, 3, "checkpoint.deepspeed_files=false")
+    spawn(2, run_job, str(tmp_path / "straight"), 6, None, "checkpoint.deepspeed_files=true")
+    spawn(2, run_job, str(tmp_path / "split"), 6, 3)
     spawn(3, run_job, str(tmp_path / "split"), 6, None, "checkpoint.deepspeed_files=false")
     space = "checkpoints/step00000006/moga_model_space"
     straight = model_space_weights(tmp_path / "straight" / space)

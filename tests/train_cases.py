@@ -17,10 +17,20 @@ def resume_equivalence(rank, world, base):
     from moga_dist.train.loop import run
 
     run(tiny(f"{base}/straight", 6))
-    run(tiny(f"{base}/split", 6, "training.stop_at_step=3"))     # an interrupted run
+    # An interrupted run, its checkpoint written as the old default did (DeepSpeed's files and the
+    # model-space state): the default resume reads the model-space state.
+    run(tiny(f"{base}/split", 6, "training.stop_at_step=3", "checkpoint.deepspeed_files=true"))
     if rank == 0:   # debris of a crash mid-write must not confuse the resume
         Path(f"{base}/split/checkpoints/.tmp-step00000006").mkdir()
     run(tiny(f"{base}/split", 6))
+
+
+def checkpoint_bytes(rank, world, base):
+    """The default job with MOGA and the same job with AdamW, 3 steps each (one checkpoint each)."""
+    from moga_dist.train.loop import run
+
+    run(tiny(f"{base}/moga", 3))
+    run(tiny(f"{base}/adamw", 3, "optimizer.name='adamw'"))
 
 
 def refusals(rank, world, base):

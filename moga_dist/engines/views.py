@@ -11,7 +11,9 @@ def exact_storage(t: torch.Tensor) -> torch.Tensor:
     checkpoint writer (FileSystemWriterAsync) clones every CPU tensor whose storage is larger than
     itself: for views of a rank's weights and momentum either is a full copy of its state at each
     save. GPU tensors are returned as they are (those writers copy them to the host anyway)."""
-    if t.device.type != "cpu" or t.untyped_storage().nbytes() == t.numel() * t.element_size() or t.numel() == 0:
+    if t.numel() == 0:       # an empty view still carries the whole buffer's storage: torch.save wrote it all
+        return t.new_empty(t.shape)
+    if t.device.type != "cpu" or t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     if not t.is_contiguous():
         raise ValueError(f"exact_storage needs a contiguous tensor, got strides {t.stride()}")

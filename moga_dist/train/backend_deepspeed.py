@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import META, CheckpointError
-from .config import RunConfig, moga_kwargs
+from .config import RunConfig, deepspeed_files_written, moga_kwargs
 from .engine_config import deepspeed_config
 from .dist_env import cpu_threads
 from .safe_load import safe_checkpoint_engine
@@ -34,8 +34,9 @@ def build_model(m) -> torch.nn.Module:
 
 
 class DeepSpeedBackend:
-    """One data-parallel group over all ranks; checkpoints are DeepSpeed's own (per-rank ZeRO
-    files) plus, with MOGA, MOGA's state in model space (resumable at any world size)."""
+    """One data-parallel group over all ranks; checkpoints are, with MOGA, MOGA's state in model
+    space (resumable at any world size), and DeepSpeed's own per-rank ZeRO files where
+    config.deepspeed_files_written says (AdamW; MOGA only with checkpoint.deepspeed_files=true)."""
 
     def __init__(self, cfg: RunConfig):
         if not torch.cuda.is_available():
@@ -122,7 +123,7 @@ class DeepSpeedBackend:
         """Write this rank's files; returns its write errors (collected, not raised mid-save, so
         every rank reaches DeepSpeed's closing barrier)."""
         self.engine.checkpoint_engine.write_errors.clear()
-        if self.cfg.checkpoint.deepspeed_files or not self.model_space:
+        if deepspeed_files_written(self.cfg):
             self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
         else:
             directory.mkdir(parents=True, exist_ok=True)

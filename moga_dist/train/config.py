@@ -107,10 +107,13 @@ class CheckpointConfig:
     every: int = 200
     keep: int = 2
     resume: bool = True              # continue from <output_dir>/checkpoints/latest when present
-    # DeepSpeed + MOGA: also write DeepSpeed's own ZeRO files (for its tools, e.g. zero_to_fp32). They
-    # duplicate MOGA's model-space state (fp32 weights + momentum, 8 B/param on disk, and DeepSpeed's
-    # own save); false writes only the model-space state (model_space_weights replaces zero_to_fp32).
-    deepspeed_files: bool = True
+    # DeepSpeed's own checkpoint files (per-rank ZeRO files; for its tools: zero_to_fp32,
+    # engine.load_checkpoint). Unset (the default): written only where they are the only copy of the
+    # state (optimizer.name='adamw'); DeepSpeed + MOGA writes MOGA's model-space state alone (fp32
+    # weights + momentum, resumable at any world size; model_space_weights replaces zero_to_fp32).
+    # true: also with MOGA (a duplicate: +8 B/param of fp32 weights + momentum, plus the bf16/fp16
+    # model copy; deepspeed_files_written). false: never; allowed only with DeepSpeed + MOGA.
+    deepspeed_files: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,10 +259,14 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"training.max_skipped_steps={t.max_skipped_steps}; allowed: >= 0")
     validate_data(cfg)
     p = cfg.parallel
-    if not cfg.checkpoint.deepspeed_files and (p.engine, cfg.optimizer.name) != ("deepspeed", "moga"):
+    files = cfg.checkpoint.deepspeed_files          # None: where needed (deepspeed_files_written)
+    if files is False and (p.engine, cfg.optimizer.name) != ("deepspeed", "moga"):
         raise ValueError(f"checkpoint.deepspeed_files=false with parallel.engine={p.engine!r}, optimizer.name="
-                         f"{cfg.optimizer.name!r}: allowed only with 'deepspeed' and 'moga' (the checkpoint is then "
-                         "MOGA's model-space state alone)")
+                         f"{cfg.optimizer.name!r}: allowed only with 'deepspeed' and 'moga' (elsewhere the engine's "
+                         "own files are the only copy of the state; leave the key unset)")
+    if files is True and p.engine != "deepspeed":
+        raise ValueError(f"checkpoint.deepspeed_files=true with parallel.engine={p.engine!r}: allowed only with "
+                         "'deepspeed' (Megatron writes its own checkpoints); leave the key unset")
     if p.engine not in ("deepspeed", "megatron"):
         raise ValueError(f"parallel.engine={p.engine!r}; allowed: 'deepspeed', 'megatron'")
     if p.engine == "deepspeed" and p.distributed_optimizer:
@@ -280,6 +287,13 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.num_kv_heads={m.num_kv_heads} and parallel.tensor_parallel={tp}: one must divide the other")
     if m.num_layers % p.pipeline_parallel:
         raise ValueError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel={p.pipeline_parallel}")
+
+
+def deepspeed_files_written(cfg: RunConfig) -> bool:
+    """Whether a DeepSpeed job's checkpoints hold DeepSpeed's own files: asked for
+    (checkpoint.deepspeed_files=true), or the only copy of the state (an optimizer other than MOGA,
+    which has no model-space state). DeepSpeed + MOGA otherwise writes the model-space state alone."""
+    return cfg.checkpoint.deepspeed_files is True or cfg.optimizer.name != "moga"
 
 
 def padded_vocab(vocab: int, tensor_parallel: int = 1) -> int:

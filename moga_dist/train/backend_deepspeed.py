@@ -21,7 +21,15 @@ from ..engines.model_space import DIRECTORY as MODEL_SPACE     # MOGA's model-sp
 
 
 def build_model(m) -> torch.nn.Module:
-    """A randomly initialized LLaMA (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
+    """A randomly initialized LLaMA (RMSNorm, SwiGLU, RoPE, grouped-query attention).
+
+    Built whole, on every rank, at every ZeRO stage (ZeRO-3 too): deepspeed.initialize then
+    partitions it, so every stage starts from the same weights as an unsharded run, and MOGA is
+    built over whole parameters, whose shapes give its roles. The cost at ZeRO-3: each rank holds the
+    whole fp32 model (4 B/parameter) until deepspeed.initialize partitions it (docs/deepspeed.md,
+    "ZeRO-3 in the training job"). Not deepspeed.zero.Init: its parameters are 0-element placeholders
+    at MOGA's construction, so moga_dist.param_groups would see 1-D tensors and give matrices the
+    wrong role (not supported; see the docs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -114,7 +122,10 @@ class DeepSpeedBackend:
     def state_finite(self) -> bool:
         """This rank's weights and optimizer state (momentum) hold no NaN/Inf."""
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        tensors = [p.detach() for p in self.engine.module.parameters()]
+        params = list(self.engine.module.parameters())
+        tensors = [p.detach() for p in params]
+        # ZeRO-3: the module's parameters are empty placeholders; this rank's weights are their partitions.
+        tensors += [p.ds_tensor.detach() for p in params if hasattr(p, "ds_tensor")]
         tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 

@@ -1,9 +1,10 @@
 """The training job at engine.zero_stage = 3 (DeepSpeed ZeRO-3, MOGA's stage-3 adapter): on 2
 gloo ranks it runs MOGA, and after 6 steps its fp32 weights equal the ZeRO-2 job's element-wise
 (1e-5 of each parameter's largest entry, the resharding tests' tolerance), as do its training and
-validation losses; a run stopped at step 3 at 2 ranks resumes at 3 (an odd world: ZeRO-3 pads
-every parameter's partition) through MOGA's model-space checkpoint and ends where the
-uninterrupted run ends; engine.zero_stage = 4 is one line naming the allowed stages."""
+validation losses; a checkpoint of either stage is refused at the other; a run stopped at step 3 at
+2 ranks resumes at 3 (an odd world: ZeRO-3 pads every parameter's partition) through MOGA's
+model-space checkpoint and ends where the uninterrupted run ends; engine.zero_stage = 4 is one line
+naming the allowed stages."""
 import json
 import shutil
 
@@ -44,6 +45,12 @@ def test_zero3_job_runs_moga_and_equals_the_zero2_job(runs):
     for key in ("final_train_loss", "val_loss"):
         assert z3[key] == pytest.approx(z2[key], rel=1e-5), (key, z3[key], z2[key])
     assert z3["layout"] == "ZeRO-3" and z3["optimizer"] == "moga"
+    # A checkpoint of one stage is refused at the other (ZeRO-3's partitions are not ZeRO-2's), naming both.
+    from moga_dist.train.checkpoint import CheckpointError, check_compatible
+
+    for written, other in (("zero2", 3), ("zero3", 2)):
+        with pytest.raises(CheckpointError, match=rf"zero_stage: checkpoint {5 - other} vs this run {other}"):
+            check_compatible(runs / written / "checkpoints", f"step{STEPS:08d}", {"zero_stage": other})
 
 
 @pytest.mark.slow            # a third process group (3 ranks): ~1-2 min on the shared 2-core machine

@@ -1,5 +1,6 @@
-"""The training job at engine.zero_stage = 3 (DeepSpeed ZeRO-3, MOGA's stage-3 adapter): on 2
-gloo ranks it runs MOGA, and after 6 steps its fp32 weights equal the ZeRO-2 job's element-wise
+"""The training job at engine.zero_stage = 3 (DeepSpeed ZeRO-3, MOGA's stage-3 adapter): it builds
+the model under zero.Init (placeholders only, the whole build's weights bit for bit, the same MOGA
+roles); on 2 gloo ranks it runs MOGA, and after 6 steps its fp32 weights equal the ZeRO-2 job's element-wise
 (1e-5 of each parameter's largest entry, the resharding tests' tolerance), as do its training and
 validation losses; a checkpoint of either stage is refused at the other; a run stopped at step 3 at
 2 ranks resumes at 3 (an odd world: ZeRO-3 pads every parameter's partition) through MOGA's

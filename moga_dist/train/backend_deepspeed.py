@@ -1,5 +1,6 @@
 """DeepSpeed backend of the training loop: HF LlamaForCausalLM (built from a config, no weights
 downloaded), MOGA through moga_dist.engines.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-3.
+At ZeRO-3 the model is built under deepspeed.zero.Init (build_partitioned), never whole on a rank.
 
 With MOGA a checkpoint also holds MOGA's state in model space (engines/deepspeed_checkpoint.py),
 which is what a resume loads: it may then run at another data-parallel world size."""

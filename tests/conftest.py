@@ -36,7 +36,8 @@ KINDS = {
                 "test_deepspeed_recipes", "test_deepspeed_reshard", "test_deepspeed_zero3", "test_dtensor",
                 "test_frontdoors", "test_fsdp1", "test_fsdp2_recipe", "test_megatron", "test_megatron_lm"),
     # the training job end to end: resume, faults, resharding, launchers, launch scripts, docker
-    "job": ("test_docker", "test_faults", "test_launch", "test_launchers", "test_train", "test_train_reshard"),
+    "job": ("test_docker", "test_faults", "test_launch", "test_launchers", "test_train", "test_train_reshard",
+            "test_train_zero3"),
 }
 KIND_OF = {module: kind for kind, modules in KINDS.items() for module in modules}
 

@@ -13,8 +13,8 @@ steps (resident pages only), transient = steady state minus those. One ratio lin
 each missed goal (GOALS) with the term that is off.
 
 Engines (memory_engines.PATHS says which code each runs, and the ratio line repeats it): zero2 and
-zero2_bf16 through the training job; zero3 and zero3_bf16 through the job with stage 3 set after
-its config check; megatron_distopt through the job's Megatron backend on the tests' CPU shims
+zero2_bf16 through the training job; zero3 and zero3_bf16 through the job at engine.zero_stage = 3;
+megatron_distopt through the job's Megatron backend on the tests' CPU shims
 (AdamW: megatron-core's Adam in that backend); fsdp2 through torch's public API with the job's
 model and data. Heavy: runs go one at a time, ranks niced; check `free -g` first (AdamW fp32 at
 349M: ~6 GiB per rank). --json keeps the records and lets an interrupted run resume.

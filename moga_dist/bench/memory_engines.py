@@ -4,9 +4,7 @@ census of the tensors alive after the steps, by term (weights, optimizer state, 
 
 Which code each engine runs (PATHS, printed by the bench):
 - zero2, zero2_bf16: the training job (moga_dist.train: DeepSpeed backend, loop, checkpoint).
-- zero3, zero3_bf16: the training job's DeepSpeed backend, loop and checkpoint at ZeRO stage 3;
-  the job's config refuses stage 3 (train/config.py allows 0-2), so the bench sets it after loading
-  the preset.
+- zero3, zero3_bf16: the training job at engine.zero_stage = 3 (DeepSpeed backend, loop, checkpoint).
 - megatron_distopt: the job's Megatron backend, loop and checkpoint (distributed optimizer), on CPU
   through the CUDA-to-CPU shims of tests/megatron_support.py (so it needs a source checkout). The
   job runs MOGA only on Megatron; its AdamW row swaps in megatron-core's own Adam (get_megatron_optimizer
@@ -25,14 +23,13 @@ import sys
 import warnings
 from pathlib import Path
 
-PATHS = {"zero2": "job", "zero2_bf16": "job", "zero3": "job (stage 3 set after the config check)",
-         "zero3_bf16": "job (stage 3 set after the config check)",
+PATHS = {"zero2": "job", "zero2_bf16": "job", "zero3": "job", "zero3_bf16": "job",
          "megatron_distopt": "job on CPU shims (AdamW: megatron-core's Adam in the job's backend)",
          "fsdp2": "torch FSDP2 public API, the job's model and data"}
 OVERRIDES = {"zero2": ["engine.zero_stage=2", "engine.bf16=false"],
              "zero2_bf16": ["engine.zero_stage=2", "engine.bf16=true"],
-             "zero3": ["engine.zero_stage=2", "engine.bf16=false"],
-             "zero3_bf16": ["engine.zero_stage=2", "engine.bf16=true"],
+             "zero3": ["engine.zero_stage=3", "engine.bf16=false"],
+             "zero3_bf16": ["engine.zero_stage=3", "engine.bf16=true"],
              "megatron_distopt": ["parallel.engine='megatron'", "parallel.distributed_optimizer=true", "engine.bf16=false"],
              "fsdp2": ["engine.zero_stage=2", "engine.bf16=false"]}
 
@@ -135,13 +132,10 @@ def _gather(rank, world, record, out_json) -> None:
 
 
 def load_cfg(preset, engine: str, overrides: list[str]):
-    """The preset with the engine's overrides (ZeRO-3: stage 3 set after the config's own check)."""
+    """The preset with the engine's overrides, checked by the job's own config loader."""
     from ..train.config import load
 
-    cfg = load(preset, OVERRIDES[engine] + overrides)
-    if engine.startswith("zero3"):
-        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=3))
-    return cfg
+    return load(preset, OVERRIDES[engine] + overrides)
 
 
 def _baseline() -> int:

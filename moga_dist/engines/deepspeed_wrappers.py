@@ -75,7 +75,7 @@ def describe(moga: MOGA, model: torch.nn.Module) -> dict[int, ParamSpec]:
     names = {}
     for name, param in model.named_parameters():
         names.setdefault(id(param), name)
-    roles = assign_roles(model)
+    roles = None     # from the model's structure only where a group has none (zero.Init's placeholders have no shape)
     specs = {}
     for group in moga.param_groups:
         options = {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
@@ -85,7 +85,10 @@ def describe(moga: MOGA, model: torch.nn.Module) -> dict[int, ParamSpec]:
             name = given_name or names.get(id(param)) or f"param{len(specs)}"
             # settings declared for this tensor (moga_dist.take_roles declares roles) win over its group's
             mine = {**options, **moga.options_of(param)}
-            role = mine.pop("role", None) or group.get("role") or roles.get(names.get(id(param)))
+            role = mine.pop("role", None) or group.get("role")
+            if role is None:
+                roles = assign_roles(model) if roles is None else roles
+                role = roles.get(names.get(id(param)))
             specs[id(param)] = ParamSpec(name, role, moga.layout_of(param), options=mine)
     return specs
 

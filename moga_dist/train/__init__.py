@@ -1,2 +1,2 @@
 """The training job (a recipe, not the core): LLaMA pretraining with MOGA under DeepSpeed (HF LLaMA,
-ZeRO 0-2) or Megatron-core (GPTModel, TP x PP x DP): `python -m moga_dist.train --config configs/X.toml`."""
+ZeRO 0-3) or Megatron-core (GPTModel, TP x PP x DP): `python -m moga_dist.train --config configs/X.toml`."""

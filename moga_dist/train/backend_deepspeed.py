@@ -1,5 +1,6 @@
 """DeepSpeed backend of the training loop: HF LlamaForCausalLM (built from a config, no weights
 downloaded), MOGA through moga_dist.engines.deepspeed (or DeepSpeed's AdamW as the baseline), ZeRO 0-3.
+At ZeRO-3 the model is built under deepspeed.zero.Init (build_partitioned), never whole on a rank.
 
 With MOGA a checkpoint also holds MOGA's state in model space (engines/deepspeed_checkpoint.py),
 which is what a resume loads: it may then run at another data-parallel world size."""
@@ -20,17 +21,75 @@ from .safe_load import safe_checkpoint_engine
 from ..engines.model_space import DIRECTORY as MODEL_SPACE     # MOGA's model-space state's subdirectory
 
 
+def llama_config(m):
+    """[model] as a Hugging Face LlamaConfig."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                       num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
+                       rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings)
+
+
 def build_model(m) -> torch.nn.Module:
-    """A randomly initialized LLaMA (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialized LLaMA (RMSNorm, SwiGLU, RoPE, grouped-query attention), whole."""
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                         num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
-                         rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta,
-                         tie_word_embeddings=m.tie_embeddings)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(m))
 
+
+def build_partitioned(m, ds_cfg: dict) -> torch.nn.Module:
+    """ZeRO-3: the same LLaMA built under deepspeed.zero.Init, so no rank ever holds it whole: each
+    module's parameters are created whole, broadcast from rank 0 and partitioned as soon as that
+    module is built (the peak is the largest module, e.g. the embedding). Same weights, bit for bit,
+    as build_model under the same seed (tests/test_train_zero3.py): Hugging Face initializes the
+    weights in post_init, which would see empty partitions, so post_init's initialize_weights runs
+    here on each module's gathered parameters, in its own order and at its own point in the
+    construction, on every rank (the random stream stays the same everywhere); rank 0's copy is kept.
+    (Hugging Face's own ZeRO-3 path initializes after construction: other random draws.)"""
+    from unittest import mock
+
+    import deepspeed
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_utils import PreTrainedModel
+
+    def initialize_weights(self):     # PreTrainedModel.initialize_weights, on gathered parameters
+        custom = self.is_custom_code()
+
+        def apply(module, fn):
+            for child in module.children():
+                apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+            # _init_weights may write its direct children's parameters too
+            params = [p for owner in (module, *(c for c in module.children() if not isinstance(c, PreTrainedModel)))
+                      for p in owner.parameters(recurse=False)]
+            todo = bool(params) and not getattr(module, "_is_hf_initialized", False)
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=todo):
+                fn(module, custom)
+        with torch.no_grad():
+            apply(self, self._initialize_weights)
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg), \
+            mock.patch.object(PreTrainedModel, "initialize_weights", initialize_weights):
+        return LlamaForCausalLM(llama_config(m))
+
+
+def moga_groups(model: torch.nn.Module, m) -> list[dict]:
+    """moga_dist.param_groups(model) for a model whose parameters may be ZeRO-3 placeholders (0
+    elements, no shape): the roles are read off a twin built on the meta device (no memory), whose
+    parameters have their true shapes, and the groups then hold the model's own parameters."""
+    from transformers import LlamaForCausalLM
+
+    from .. import param_groups
+
+    if not any(hasattr(p, "ds_shape") for p in model.parameters()):
+        return param_groups(model)
+    with torch.device("meta"):
+        twin = LlamaForCausalLM(llama_config(m))
+    own = dict(model.named_parameters())
+    groups = param_groups(twin)
+    for group in groups:
+        group["params"] = [own[name] for name in group["param_names"]]
+    return groups
 
 
 class DeepSpeedBackend:
@@ -56,13 +115,14 @@ class DeepSpeedBackend:
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.dp_rank, self.dp_world = self.rank, self.world
         torch.manual_seed(cfg.training.seed)
-        model = build_model(cfg.model)
         ds_cfg = deepspeed_config(cfg, self.world)
+        # ZeRO-3 never builds the model whole on a rank (a 70B model would not fit); 0-2 keep it whole anyway.
+        model = build_partitioned(cfg.model, ds_cfg) if cfg.engine.zero_stage == 3 else build_model(cfg.model)
         if cfg.optimizer.name == "moga":
-            from .. import MOGA, param_groups
+            from .. import MOGA
             from ..engines.deepspeed import initialize
 
-            optimizer = MOGA(param_groups(model), **moga_kwargs(cfg.optimizer.moga))
+            optimizer = MOGA(moga_groups(model, cfg.model), **moga_kwargs(cfg.optimizer.moga))
             self.engine = initialize(model=model, optimizer=optimizer, config=ds_cfg)[0]
         else:
             self.engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)[0]
@@ -115,7 +175,10 @@ class DeepSpeedBackend:
     def state_finite(self) -> bool:
         """This rank's weights and optimizer state (momentum) hold no NaN/Inf."""
         opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        tensors = [p.detach() for p in self.engine.module.parameters()]
+        params = list(self.engine.module.parameters())
+        tensors = [p.detach() for p in params]
+        # ZeRO-3: the module's parameters are empty placeholders; this rank's weights are their partitions.
+        tensors += [p.ds_tensor.detach() for p in params if hasattr(p, "ds_tensor")]
         tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 

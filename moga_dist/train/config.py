@@ -118,7 +118,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    zero_stage: int = 2              # DeepSpeed's ZeRO stage (Megatron: parallel.distributed_optimizer)
+    zero_stage: int = 2              # DeepSpeed's ZeRO stage 0-3 (Megatron: parallel.distributed_optimizer)
     bf16: bool = False
 
 
@@ -244,8 +244,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
     if cfg.optimizer.name not in ("moga", "adamw"):
         raise ValueError(f"optimizer.name={cfg.optimizer.name!r}; allowed: 'moga', 'adamw'")
-    if cfg.engine.zero_stage not in (0, 1, 2):
-        raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage}; allowed: 0, 1, 2")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage}; allowed: 0, 1, 2, 3")
     if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise ValueError("training.steps, micro_batch_size and global_batch_size must be >= 1")
     for name, value in (("optimizer.moga.lr", cfg.optimizer.moga.lr), ("optimizer.adamw.lr", cfg.optimizer.adamw.lr)):
@@ -275,6 +275,10 @@ def validate(cfg: RunConfig) -> None:
     if p.engine == "megatron" and cfg.engine.zero_stage == 1 and not p.distributed_optimizer:
         raise ValueError("engine.zero_stage=1 with parallel.engine='megatron': Megatron's distributed optimizer is "
                          "parallel.distributed_optimizer=true (engine.zero_stage is DeepSpeed's ZeRO stage; remove it)")
+    if p.engine == "megatron" and cfg.engine.zero_stage == 3:    # else silently ignored: weights stay whole
+        raise ValueError("engine.zero_stage=3 with parallel.engine='megatron': ZeRO-3 (partitioned weights) is "
+                         "DeepSpeed's; Megatron shards optimizer state with parallel.distributed_optimizer=true "
+                         "and weights with parallel.tensor_parallel / pipeline_parallel")
     if p.engine == "deepspeed" and (p.tensor_parallel, p.pipeline_parallel) != (1, 1):  # HF model: DP only
         raise ValueError("parallel.engine='deepspeed' runs data parallel only (tensor_parallel = "
                          "pipeline_parallel = 1); use engine='megatron' for tensor/pipeline parallelism")

@@ -9,7 +9,13 @@ from .config import RunConfig, accumulation_steps, moga_kwargs
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """DeepSpeed config for this run; MOGA is passed as an object, so there is no optimizer block
-    for it (an AdamW baseline gets DeepSpeed's own, from [optimizer.adamw])."""
+    for it (an AdamW baseline gets DeepSpeed's own, from [optimizer.adamw]).
+
+    ZeRO-3 needs only {"stage": 3} (CPU/gloo or GPU/NCCL alike): DeepSpeed's stage-3 defaults hold
+    (sub_group_size 1e9, no offload). Not set, on purpose: offload_param and ZeRO++'s
+    zero_hpz_partition_size, which MOGA refuses at ZeRO-3 (engines/deepspeed_zero3.check_stage3), and
+    stage3_gather_16bit_weights_on_model_save: the job saves MOGA's fp32 state in model space, whose
+    full weights model_space_weights assembles, so no rank ever gathers the 16-bit model to save."""
     t = cfg.training
     peak = cfg.optimizer.moga.lr if cfg.optimizer.name == "moga" else cfg.optimizer.adamw.lr
     out = {

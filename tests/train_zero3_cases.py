@@ -14,12 +14,18 @@ def run_stage(rank, world, out, stage, steps, stop_at=None):
 
     cfg = tiny(out, steps, *RESHARD, f"engine.zero_stage={stage}",
                *([f"training.stop_at_step={stop_at}"] if stop_at else []))
-    built, whole = [], backend_deepspeed.build_partitioned
+    built, whole, ds_config = [], backend_deepspeed.build_partitioned, backend_deepspeed.deepspeed_config
+
+    def no_persistent(*a):           # the tiny model's parameters are all under ZeRO-3's persistence
+        out = ds_config(*a)          # threshold (1e5 elements: kept gathered); 0 partitions them all
+        out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        return out
     backend_deepspeed.build_partitioned = lambda *a: built.append(a) or whole(*a)
+    backend_deepspeed.deepspeed_config = no_persistent
     try:
         backend = make_backend(cfg)
     finally:
-        backend_deepspeed.build_partitioned = whole
+        backend_deepspeed.build_partitioned, backend_deepspeed.deepspeed_config = whole, ds_config
     assert len(built) == (stage == 3), "ZeRO-3 must build the model under zero.Init, ZeRO 0-2 whole"
     summary = run(cfg, backend)
     assert summary["world_size"] == world and summary["layout"] == f"ZeRO-{stage}", summary
@@ -36,6 +42,14 @@ def run_stage(rank, world, out, stage, steps, stop_at=None):
         for flat in flats:
             state = moga.state[flat]
             assert state["step"] == done and state["momentum_buffer"].shape == flat.shape, state.get("step")
+        # Every parameter (none is persistent here) is released after the run, which ends with an
+        # evaluation and MOGA's save, as after a training step: none is left gathered whole on a rank.
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        partitioned = [(n, p) for n, p in engine.module.named_parameters() if not p.ds_persist]
+        assert partitioned, "every ZeRO-3 parameter is persistent: the check below is vacuous"
+        kept = [n for n, p in partitioned if p.ds_status != ZeroParamStatus.NOT_AVAILABLE or p.data.numel()]
+        assert not kept, f"ZeRO-3 parameters left gathered after the run: {kept}"
 
 
 def partitioned_build(rank, world):

@@ -163,6 +163,13 @@ class DeepSpeedBackend:
         with torch.no_grad():
             losses = [self.engine(input_ids=x, labels=x).loss.item() for x in batches if x is not None]
         self.engine.train()
+        if self.cfg.engine.zero_stage == 3:
+            # An eval forward has no backward to release what it gathered: ZeRO-3's coordinator keeps
+            # each parameter whose next use in the recorded (forward + backward) trace is within
+            # stage3_max_reuse_distance (1e9 elements): the whole model at 56M and 349M parameters,
+            # gathered on every rank until the next step's backward. Release them all now (DeepSpeed's
+            # public call; its save_checkpoint does the same, so AdamW's runs hid it, MOGA's did not).
+            self.engine.empty_partition_cache()
         return losses
 
     def lr(self) -> float:

@@ -53,7 +53,7 @@ class HorizonRule:
 # horizon exponent over 300, 1,500 and 16,000 steps at the tuned width (2.2-117.4 tokens/parameter);
 # the width exponent is the all-widths fit's (64-256), reported only. Presets anchor the rule at the
 # measured optimum of width 64 at 16,000 steps (tuned_lr 0.00209 at 117.4 tokens/parameter).
-HORIZON_TPP_1 = HorizonRule("horizon-tpp-1", exponent=-0.48, tokens_per_param=(2.2, 117.4), width_exponent=-0.96,
+HORIZON_TPP_1 = HorizonRule("horizon-tpp-1", exponent=-0.48, tokens_per_param=(2.2, 117.4), width_exponent=-1.15,
                             widths=(64, 256), rms_factor=1.37, points=3)
 RULES = {"none": "none: the tuned lr is used unmoved", HORIZON_TPP_1.name: HORIZON_TPP_1}
 CHECKED_WIDTHS = (64, 512)       # widths the lr's transfer was checked at (docs/width_transfer.md)
